@@ -52,11 +52,64 @@ def run_eval(args) -> dict:
     return report
 
 
+def add_config_arguments(parser) -> None:
+    parser.add_argument("--config", default=None, help="run config YAML (default: built-in defaults, see configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.block_size=128")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def add_calibrate_parser(subparsers) -> None:
+    parser = subparsers.add_parser("calibrate", help="collect activation statistics for the KLT at every site")
+    add_config_arguments(parser)
+    parser.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/calibration)")
+    parser.add_argument("--sites", default=None, help="comma-separated sites to collect (default: R1,R2,R3,R4,R5,R6)")
+    parser.set_defaults(handler=run_calibrate)
+
+
+def run_calibrate(args) -> dict:
+    from train.calibrate import calibrate
+    from train.config import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    sites = args.sites.split(",") if args.sites else None
+    report = calibrate(config, args.out, sites)
+    print(f"calibration saved to {report['out']} ({report['key']['tokens']} tokens)")
+    print("site  layer  spread before  after K·H (uncentred)  after K·H (centred)   [max/mean channel E[x²]]")
+    for row in report["spread"]:
+        layer = "-" if row["layer"] is None else row["layer"]
+        after = row.get("spread_after_uncentered", float("nan"))
+        centred = row.get("spread_after_centered", float("nan"))
+        print(f"{row['site']:4}  {layer:>5}  {row['spread_before']:13.3f}  {after:21.4f}  {centred:19.4f}")
+    return report
+
+
+def add_ablate_parser(subparsers) -> None:
+    parser = subparsers.add_parser("ablate", help="post-training quantization loss per rotation site and init")
+    add_config_arguments(parser)
+    parser.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/ablation)")
+    parser.add_argument("--presets", default="W8A8,W4A8,W4A4", help="comma-separated quantization presets")
+    parser.add_argument("--inits", default="hadamard,klt,klt_hadamard", help="comma-separated rotation inits")
+    parser.set_defaults(handler=run_ablate)
+
+
+def run_ablate(args) -> dict:
+    from train.ablate import ablate
+    from train.config import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    report = ablate(config, args.out, args.presets.split(","), args.inits.split(","))
+    print(report["table"])
+    print(f"CSV, table and plots written to {report['out']}")
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambaspin", description="Quantize Mamba language models with learned rotations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(subparsers)
+    add_calibrate_parser(subparsers)
+    add_ablate_parser(subparsers)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Errors that users can fix: the CLI prints their message without a traceback."""
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Invalid user input (a path, a config value, a data file).
 
     The message names the value, what was expected and what to do next. The command-line entry

@@ -19,6 +19,7 @@ Named points. Each activation that a later stage rotates or quantizes passes thr
     ssm_delta       (b, l, d_inner)     softplus(dt_proj(dt)), the scan step size
     ssm_B, ssm_C    (b, l, n)           input-dependent B and C
     ssm_state       (b, l, d_inner, n)  all states h, before the h·C product (forces the torch scan)
+    ssm_y           (b, l, d_inner)     the h·C product, before the D skip (forces the torch scan)
     out_proj_input  (b, l, d_inner)     gated scan output, before out_proj
 Model point:
     lm_head_input   (b, l, d_model)     output of norm_f, before lm_head
@@ -43,6 +44,7 @@ MIXER_POINTS = (
     "ssm_B",
     "ssm_C",
     "ssm_state",
+    "ssm_y",
     "out_proj_input",
 )
 MODEL_POINTS = ("lm_head_input",)
@@ -110,7 +112,7 @@ class MambaMixer(nn.Module):
 
         # Selective scan with the D skip connection.
         A = -torch.exp(self.A_log.float())  # (d_inner, n)
-        state_point = points["ssm_state"]
+        state_point, y_point = points["ssm_state"], points["ssm_y"]
         y = selective_scan(
             points["ssm_u"](x),
             points["ssm_delta"](delta),
@@ -119,6 +121,7 @@ class MambaMixer(nn.Module):
             points["ssm_C"](C),
             self.D.float(),
             state_transform=None if isinstance(state_point, nn.Identity) else state_point,
+            output_transform=None if isinstance(y_point, nn.Identity) else y_point,
         )  # (b, l, d_inner)
 
         # Gate and output projection.
@@ -191,6 +194,29 @@ class MambaLM(nn.Module):
         if layer is None or not 0 <= layer < self.config.n_layer:
             raise ValueError(f"point {name!r} needs a layer index from 0 to {self.config.n_layer - 1}, got {layer}")
         self.mixers[layer].points[name] = module
+
+    def get_point(self, name: str, layer: int | None) -> nn.Module:
+        return self.points[name] if layer is None else self.mixers[layer].points[name]
+
+    def append_point(self, name: str, layer: int | None, module: nn.Module) -> None:
+        """Attach `module` after whatever already sits at a point (chained in an nn.Sequential)."""
+        current = self.get_point(name, layer)
+        if isinstance(current, nn.Identity):
+            chained = module
+        elif isinstance(current, nn.Sequential):
+            chained = nn.Sequential(*current, module)
+        else:
+            chained = nn.Sequential(current, module)
+        self.set_point(name, layer, chained)
+
+    def attached_points(self) -> list[str]:
+        """Names of the points that carry a transform (anything but nn.Identity)."""
+        names = [name for name, module in self.points.items() if not isinstance(module, nn.Identity)]
+        for layer, mixer in enumerate(self.mixers):
+            for name, module in mixer.points.items():
+                if not isinstance(module, nn.Identity):
+                    names.append(f"layers.{layer}.{name}")
+        return names
 
     def is_tied(self) -> bool:
         return self.lm_head.weight is self.backbone.embeddings.weight

@@ -45,6 +45,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 SCALE_FLOOR = 1e-8
@@ -72,7 +74,7 @@ def _is_real(value: Any) -> bool:
 
 def _check_bits(kind: str, key_path: str, bits: Any, low: int, high: int, hint: str) -> None:
     if not _is_int(bits) or not low <= bits <= high:
-        raise ValueError(
+        raise UserError(
             f"{kind} bits={bits!r} is out of range: expected an integer from {low} to {high}. "
             f"Set {key_path}.bits to {hint}."
         )
@@ -80,7 +82,7 @@ def _check_bits(kind: str, key_path: str, bits: Any, low: int, high: int, hint: 
 
 def _check_bool(kind: str, key_path: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(
+        raise UserError(
             f"{kind} {name}={value!r} is invalid: expected true or false. "
             f"Set {key_path}.{name} to true or false."
         )
@@ -92,7 +94,7 @@ def _check_choice(kind: str, key_path: str, name: str, value: Any, choices: tupl
     options = " or ".join(repr(choice) for choice in choices)
     close = difflib.get_close_matches(str(value), choices, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
+    raise UserError(
         f"{kind} {name}={value!r} is invalid: expected {options}.{hint} "
         f"Set {key_path}.{name} to one of them."
     )
@@ -100,7 +102,7 @@ def _check_choice(kind: str, key_path: str, name: str, value: Any, choices: tupl
 
 def _check_ratio(kind: str, key_path: str, name: str, value: Any) -> None:
     if not _is_real(value) or not 0.0 < value <= 1.0:
-        raise ValueError(
+        raise UserError(
             f"{kind} {name}={value!r} is out of range: expected a number in (0, 1]. "
             f"Set {key_path}.{name} to 1.0 for no clipping, or to a ratio such as 0.9."
         )
@@ -110,7 +112,7 @@ def _build_from_dict(cls: type, data: Any) -> Any:
     """Build the dataclass ``cls`` from a mapping, rejecting unknown and missing keys."""
     key_path = cls.KEY_PATH
     if not isinstance(data, Mapping):
-        raise ValueError(
+        raise UserError(
             f"{key_path} must be a mapping of option names to values, got {type(data).__name__}."
         )
     fields = [field.name for field in dataclasses.fields(cls)]
@@ -121,7 +123,7 @@ def _build_from_dict(cls: type, data: Any) -> Any:
             close = difflib.get_close_matches(str(key), fields, n=1)
             suffix = f" (did you mean {close[0]!r}?)" if close else ""
             described.append(f"{key!r}{suffix}")
-        raise ValueError(
+        raise UserError(
             f"unknown key {', '.join(described)} in {key_path}. Valid keys: {', '.join(fields)}."
         )
     required = [
@@ -131,7 +133,7 @@ def _build_from_dict(cls: type, data: Any) -> Any:
     ]
     missing = [key for key in required if key not in data]
     if missing:
-        raise ValueError(f"missing key {', '.join(map(repr, missing))} in {key_path}.")
+        raise UserError(f"missing key {', '.join(map(repr, missing))} in {key_path}.")
     return cls(**data)
 
 
@@ -180,18 +182,18 @@ class WeightQuantConfig:
         path = self.KEY_PATH
         if self.granularity == "per_channel":
             if self.group_size is not None:
-                raise ValueError(
+                raise UserError(
                     f"weight group_size={self.group_size!r} is only used with granularity='per_group'. "
                     f"Remove {path}.group_size or set {path}.granularity to 'per_group'."
                 )
             return
         if self.group_size is None:
-            raise ValueError(
+            raise UserError(
                 f"weight group_size is missing: granularity='per_group' needs a group size. "
                 f"Set {path}.group_size to a divisor of the input dimension, such as 128."
             )
         if not _is_int(self.group_size) or self.group_size <= 0:
-            raise ValueError(
+            raise UserError(
                 f"weight group_size={self.group_size!r} is invalid: expected a positive integer. "
                 f"Set {path}.group_size to a divisor of the input dimension, such as 128."
             )
@@ -214,11 +216,11 @@ class WeightQuantConfig:
         """
         for label, size in (("out_features", out_features), ("in_features", in_features)):
             if not _is_int(size) or size <= 0:
-                raise ValueError(f"layer {name!r} has invalid {label}={size!r}: expected a positive integer.")
+                raise UserError(f"layer {name!r} has invalid {label}={size!r}: expected a positive integer.")
         if self.granularity != "per_group" or in_features % self.group_size == 0:
             return
         suggestions = ", ".join(str(d) for d in _nearest_divisors(in_features, self.group_size))
-        raise ValueError(
+        raise UserError(
             f"layer {name!r} has in_features={in_features} (out_features={out_features}), "
             f"which group_size={self.group_size} does not divide. "
             f"Set {self.KEY_PATH}.group_size to a divisor of {in_features}, such as {suggestions}."
@@ -258,7 +260,7 @@ class ActQuantConfig:
         _check_choice("activation", path, "granularity", self.granularity, ACT_GRANULARITIES)
         _check_bool("activation", path, "dynamic", self.dynamic)
         if self.granularity == "per_token" and not self.dynamic:
-            raise ValueError(
+            raise UserError(
                 "activation granularity='per_token' with dynamic=False is invalid because per_token "
                 "scales come from each token and cannot be fixed by calibration. "
                 f"Set {path}.dynamic to true, or set {path}.granularity to 'per_tensor'."
@@ -375,7 +377,7 @@ def _from_grid(codes: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
 def _group_view(w: Tensor, cfg: WeightQuantConfig) -> Tensor:
     """View (out, in) as (out, 1, in) per channel or (out, in / group_size, group_size) per group."""
     if w.dim() != 2:
-        raise ValueError(
+        raise UserError(
             f"weight quantization expects a 2-D weight of shape (out, in), got shape {tuple(w.shape)}. "
             "Reshape the weight to 2-D first."
         )
@@ -398,7 +400,7 @@ def _resolve_clip(
             clip = clip.unsqueeze(1)  # (out, 1) -> (out, 1, 1), the per-channel group view
         return clip
     if not _is_real(clip) or not 0.0 < clip <= 1.0:
-        raise ValueError(f"clip={clip!r} is out of range: expected a number in (0, 1], or a tensor.")
+        raise UserError(f"clip={clip!r} is out of range: expected a number in (0, 1], or a tensor.")
     return float(clip)
 
 
@@ -491,20 +493,20 @@ def _act_scale_zero(
     """Return the scale and float zero point: dynamic from ``x``, static from the arguments."""
     if cfg.dynamic:
         if scale is not None or zero is not None:
-            raise ValueError(
+            raise UserError(
                 "a dynamic activation quantizer computes its own scale, but scale or zero was given. "
                 f"Drop the argument, or set {cfg.KEY_PATH}.dynamic to false for a static scale."
             )
         return _dynamic_act_scale_zero(x, cfg)
     if scale is None:
-        raise ValueError(
+        raise UserError(
             "static per_tensor activation quantization needs the calibrated scale, but scale is missing. "
             "Pass scale= (from ActFakeQuantizer.freeze()), or set dynamic to true."
         )
     if cfg.symmetric and zero is not None:
-        raise ValueError("symmetric activation quantization has no zero point, but zero was given.")
+        raise UserError("symmetric activation quantization has no zero point, but zero was given.")
     if not cfg.symmetric and zero is None:
-        raise ValueError(
+        raise UserError(
             "static asymmetric activation quantization needs the calibrated zero point, but zero is missing."
         )
     dtype = _compute_dtype(x.dtype)
@@ -554,7 +556,7 @@ def dequantize_activation(
 ) -> Tensor:
     """Return ``x_hat = (q - zero) * scale`` (``q * scale`` when symmetric) in the dtype of ``scale``."""
     if cfg.symmetric != (zero is None):
-        raise ValueError(
+        raise UserError(
             f"zero must be None for symmetric and a tensor for asymmetric quantization "
             f"(symmetric={cfg.symmetric}, zero is {'None' if zero is None else 'a tensor'})."
         )
@@ -596,16 +598,16 @@ def pack_int4(q: Tensor) -> Tensor:
     signed codes. Returns uint8 of shape (..., n / 2). `unpack_int4` reverses it.
     """
     if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
-        raise ValueError(f"pack_int4 expects integer codes, got dtype {q.dtype}. Quantize first.")
+        raise UserError(f"pack_int4 expects integer codes, got dtype {q.dtype}. Quantize first.")
     if q.dim() == 0 or q.shape[-1] % 2 != 0:
-        raise ValueError(
+        raise UserError(
             f"pack_int4 needs an even last dimension to pair codes, got shape {tuple(q.shape)}. "
             "Pad the last dimension to an even size."
         )
     if q.numel() > 0:
         low, high = int(q.min()), int(q.max())
         if low < -8 or high > 15 or (low < 0 and high > 7):
-            raise ValueError(
+            raise UserError(
                 f"pack_int4 expects codes in [-8, 7] or [0, 15], got values from {low} to {high}. "
                 "Quantize with 4 bits before packing."
             )
@@ -620,7 +622,7 @@ def unpack_int4(packed: Tensor, signed: bool) -> Tensor:
     Returns int8 codes in [-8, 7] when ``signed`` is True, else uint8 codes in [0, 15].
     """
     if packed.dtype != torch.uint8:
-        raise ValueError(f"unpack_int4 expects uint8 input from pack_int4, got dtype {packed.dtype}.")
+        raise UserError(f"unpack_int4 expects uint8 input from pack_int4, got dtype {packed.dtype}.")
     values = packed.to(torch.int16)
     low = values & 0xF
     high = values >> 4
@@ -677,7 +679,7 @@ class WeightFakeQuantizer(nn.Module):
             return w
         expected = (self.out_features, self.in_features)
         if tuple(w.shape) != expected:
-            raise ValueError(
+            raise UserError(
                 f"{self.name}: WeightFakeQuantizer was built for shape {expected}, got {tuple(w.shape)}."
             )
         return fake_quantize_weight(w, self.cfg, self.effective_clip())
@@ -720,7 +722,7 @@ class ActFakeQuantizer(nn.Module):
 
     def _require_static(self, method: str) -> None:
         if not self.cfg.static:
-            raise ValueError(
+            raise UserError(
                 f"ActFakeQuantizer.{method}() is only for static per_tensor quantization, but this "
                 f"quantizer is dynamic ({self.cfg.granularity}). Set {self.cfg.KEY_PATH}.dynamic to false "
                 "and granularity to 'per_tensor' to calibrate a fixed scale."

@@ -138,13 +138,15 @@ def discretize(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: torch.T
     return dA, dBu
 
 
-def selective_scan_torch(u, delta, A, B, C, D=None, state_transform=None):
+def selective_scan_torch(u, delta, A, B, C, D=None, state_transform=None, output_transform=None):
     """Selective scan on any device in plain torch, differentiable.
 
     u, delta: (b, l, d), delta already softplus-ed. A: (d, n). B, C: (b, l, n). D: (d,) or None.
     state_transform: optional callable applied to all states h (b, l, d, n) before the h·C
     product, the attachment point for online state rotations. Without it the scan runs as
     `FusedSelectiveScan`; with it the states are materialized and `LinearRecurrence` is used.
+    output_transform: optional callable applied to the h·C product (b, l, d) before the D skip,
+    where a rotation of h along d is undone.
     Returns y: (b, l, d) in float32 (or float64 for float64 inputs).
     """
     compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -155,6 +157,8 @@ def selective_scan_torch(u, delta, A, B, C, D=None, state_transform=None):
         dA, dBu = discretize(delta, A, B, u)  # (b, l, d, n) each
         h = state_transform(LinearRecurrence.apply(dA, dBu))  # (b, l, d, n)
         y = einsum(h, C, "b l d n, b l n -> b l d")  # (b, l, d)
+    if output_transform is not None:
+        y = output_transform(y)
     if D is not None:
         y = y + u * D.to(compute_dtype)
     return y
@@ -188,15 +192,16 @@ def cuda_selective_scan():
     return selective_scan_fn
 
 
-def selective_scan(u, delta, A, B, C, D=None, state_transform=None):
+def selective_scan(u, delta, A, B, C, D=None, state_transform=None, output_transform=None):
     """Dispatch to mamba_ssm's CUDA kernel where possible, else `selective_scan_torch`.
 
-    The kernel never materializes the states, so a `state_transform` forces the torch path.
-    Shapes as in `selective_scan_torch`.
+    The kernel never materializes the states, so a state or output transform forces the torch
+    path. Shapes as in `selective_scan_torch`.
     """
-    kernel = cuda_selective_scan() if u.is_cuda and state_transform is None else None
+    transforms = state_transform is not None or output_transform is not None
+    kernel = cuda_selective_scan() if u.is_cuda and not transforms else None
     if kernel is None:
-        return selective_scan_torch(u, delta, A, B, C, D, state_transform)
+        return selective_scan_torch(u, delta, A, B, C, D, state_transform, output_transform)
 
     # NOTE: the CUDA branch has not been run in this project's CI, which has no GPU.
     y = kernel(

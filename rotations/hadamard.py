@@ -28,6 +28,8 @@ import operator
 import torch
 from torch import nn
 
+from mambaspin.errors import UserError
+
 __all__ = [
     "HadamardTransform",
     "fast_hadamard_transform",
@@ -270,7 +272,7 @@ def _paley1(q: int) -> torch.Tensor:
     S S^T = q I, so H H^T = (q + 1) I.
     """
     if q % 4 != 3 or _prime_power(q) is None:
-        raise ValueError(f"Paley construction I needs a prime power q = 3 (mod 4), got q = {q}")
+        raise UserError(f"Paley construction I needs a prime power q = 3 (mod 4), got q = {q}")
     skew = torch.zeros(q + 1, q + 1, dtype=torch.int64)
     skew[0, 1:] = 1
     skew[1:, 0] = -1
@@ -287,7 +289,7 @@ def _paley2(q: int) -> torch.Tensor:
     H H^T = 2(q + 1) I.
     """
     if q % 4 != 1 or _prime_power(q) is None:
-        raise ValueError(f"Paley construction II needs a prime power q = 1 (mod 4), got q = {q}")
+        raise UserError(f"Paley construction II needs a prime power q = 1 (mod 4), got q = {q}")
     conference = torch.zeros(q + 1, q + 1, dtype=torch.int64)
     conference[0, 1:] = 1
     conference[1:, 0] = 1
@@ -361,7 +363,7 @@ def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch
     """
     n = _check_size(n)
     if n < 1:
-        raise ValueError(f"invalid size {n}: the size must be a positive integer")
+        raise UserError(f"invalid size {n}: the size must be a positive integer")
     generator = torch.Generator().manual_seed(seed)
     bits = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64)
     return (2 * bits - 1).to(dtype)
@@ -388,7 +390,7 @@ def random_orthogonal(n: int, seed: int, dtype: torch.dtype = torch.float64) -> 
     """
     n = _check_size(n)
     if n < 1:
-        raise ValueError(f"invalid size {n}: the size must be a positive integer")
+        raise UserError(f"invalid size {n}: the size must be a positive integer")
     generator = torch.Generator().manual_seed(seed)
     gaussian = torch.randn(n, n, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
@@ -441,14 +443,14 @@ def fast_hadamard_transform(x: torch.Tensor, n: int | None = None, transpose: bo
     if not x.is_floating_point():
         raise TypeError(f"fast_hadamard_transform needs a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 0:
-        raise ValueError("fast_hadamard_transform needs a tensor with at least one dimension, got a scalar")
+        raise UserError("fast_hadamard_transform needs a tensor with at least one dimension, got a scalar")
     width = x.shape[-1]
     n = width if n is None else _check_size(n)
     split = _decompose(n)
     if split is None:
         raise _unsupported_size_error(n)
     if width % n != 0:
-        raise ValueError(f"last dimension {width} of x is not a multiple of the Hadamard size {n}")
+        raise UserError(f"last dimension {width} of x is not a multiple of the Hadamard size {n}")
     m, power = split
 
     leading = x.shape[:-1]
@@ -510,7 +512,7 @@ class HadamardTransform(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.size:
-            raise ValueError(
+            raise UserError(
                 f"HadamardTransform of size {self.size} needs input of shape (..., {self.size}), "
                 f"got {tuple(x.shape)}"
             )

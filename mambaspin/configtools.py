@@ -1,0 +1,102 @@
+"""Build nested config dataclasses from YAML mappings, with key=value overrides.
+
+Unknown keys are rejected with the nearest valid key, so a typo never silently falls back to a
+default. A field whose values are dataclasses keyed by name (a dict of sites, say) declares the
+value type in its metadata: `field(metadata={"value_type": SiteConfig})`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+def _nested_type(cls, field: dataclasses.Field):
+    """Return the dataclass type of a field (also inside Optional[...]), or None for plain values."""
+    hint = typing.get_type_hints(cls).get(field.name)
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def unknown_key_error(key: str, valid: list[str], path: str) -> UserError:
+    """Build the error for an unknown config key, suggesting the nearest valid one."""
+    where = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return UserError(f"unknown config key {where!r}.{hint} Valid keys here: {', '.join(sorted(valid))}")
+
+
+def build(cls, raw, path: str = ""):
+    """Instantiate dataclass `cls` from a mapping, recursing into nested dataclasses."""
+    if raw is None:
+        raw = {}
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {path or 'root'!r} must be a mapping, got {type(raw).__name__}: {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise unknown_key_error(str(key), list(fields), path)
+        field, where = fields[key], f"{path}.{key}" if path else key
+        nested = _nested_type(cls, field)
+        value_type = field.metadata.get("value_type")
+        if nested is not None:
+            values[key] = None if value is None else build(nested, value, where)
+        elif value_type is not None:
+            values[key] = {name: build(value_type, item, f"{where}.{name}") for name, item in (value or {}).items()}
+        else:
+            values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise UserError(f"invalid config section {path or 'root'!r}: {error}") from error
+
+
+def to_dict(instance) -> dict:
+    """Convert a config dataclass back into plain dicts and lists (for YAML and JSON)."""
+    return dataclasses.asdict(instance)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """Split 'a.b.c=value' into (['a', 'b', 'c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is invalid: expected key=value, e.g. train.max_steps=100")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted key of `overrides` in a copy of the nested mapping `raw`."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {text!r}: {key!r} is a value, not a section")
+        node[keys[-1]] = value
+    return result
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}. Pass --config with an existing YAML file (see configs/).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {error}") from error
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level, got {type(raw).__name__}")
+    return raw or {}

@@ -1,0 +1,147 @@
+"""The run config: one YAML file (configs/*.yaml) with key=value overrides from the command line.
+
+A config file may start from another with `base: other.yaml` (a path relative to the file); its
+own keys then override the base's, section by section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mambaspin import configtools
+from mambaspin.data import DEFAULT_TEXT, SHIPPED_DIR
+from mambaspin.errors import UserError
+from mambaspin.quant import ActQuantConfig, WeightQuantConfig
+from mambaspin.quant_model import QuantScheme, preset
+from rotations.config import RotationConfig
+
+DEFAULT_MODEL = SHIPPED_DIR / "mamba-shakespeare"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which checkpoint to quantize and how to hold it."""
+
+    path: str = str(DEFAULT_MODEL)
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise UserError(f"model.dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Text source and block packing. max_eval_tokens 0 evaluates the whole validation split."""
+
+    text: str = str(DEFAULT_TEXT)
+    block_size: int = 256
+    train_fraction: float = 0.9
+    text_column: str = "text"
+    max_eval_tokens: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 2:
+            raise UserError(f"data.block_size={self.block_size!r} is invalid: expected an integer of at least 2")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise UserError(f"data.train_fraction={self.train_fraction!r} is invalid: expected a number in (0, 1)")
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    """Calibration blocks drawn from the training split, and where the statistics are saved."""
+
+    n_blocks: int = 64
+    batch_size: int = 8
+    seed: int = 0
+    dir: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.n_blocks, int) or self.n_blocks < 1:
+            raise UserError(f"calibration.n_blocks={self.n_blocks!r} is invalid: expected a positive integer")
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    """A preset name (W8A8, W4A8, W4A4, W4A16), optionally overridden by explicit quantizers."""
+
+    preset: str | None = "W4A4"
+    weight: WeightQuantConfig | None = None
+    act: ActQuantConfig | None = None
+    lm_head: bool = False
+    ssm_inputs: bool = False
+
+    def __post_init__(self):
+        if self.preset is not None:
+            preset(self.preset)
+
+    def scheme(self) -> QuantScheme:
+        base = preset(self.preset) if self.preset else QuantScheme()
+        return QuantScheme(
+            weight=self.weight or base.weight,
+            act=self.act or base.act,
+            lm_head=self.lm_head,
+            ssm_inputs=self.ssm_inputs,
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run depends on; see configs/default.yaml for each setting."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    quant: QuantSection = field(default_factory=QuantSection)
+
+    @property
+    def calibration_dir(self) -> Path:
+        return Path(self.calibration.dir) if self.calibration.dir else Path(self.output_dir) / "calibration"
+
+    def to_dict(self) -> dict:
+        return configtools.to_dict(self)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
+    """Read a YAML config, resolving `base:` chains relative to each file."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise UserError(f"config {path} includes itself through `base:`")
+    raw = configtools.load_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(read_config_file(path.parent / base, seen + (path,)), raw)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Build a `RunConfig` from a YAML file (or the defaults) and key=value overrides."""
+    raw = read_config_file(path) if path else {}
+    raw = configtools.apply_overrides(raw, list(overrides))
+    return configtools.build(RunConfig, raw)
+
+
+def replace(config: RunConfig, **sections) -> RunConfig:
+    return dataclasses.replace(config, **sections)

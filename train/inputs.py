@@ -1,0 +1,81 @@
+"""Load what every recipe starts from: the float model, its tokenizer, and the data splits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from mambaspin.data import calibration_blocks, load_text_splits, pack_blocks
+from mambaspin.evaluate import check_vocab_fits
+from mambaspin.loading import load_model, resolve_model_dir
+from mambaspin.tokenizer import load_tokenizer
+from rotations.calibration import Calibration, collect_statistics, data_fingerprint, model_fingerprint
+
+from .config import DTYPES, RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInputs:
+    """The float model and the tokenized splits of one run.
+
+    train_blocks, calibration_blocks: (n, block_size + 1) int64. validation_text: raw text,
+    cut to about max_eval_tokens tokens when that is set.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    train_blocks: torch.Tensor
+    calibration_blocks: torch.Tensor
+    validation_text: str
+
+
+def load_inputs(config: RunConfig) -> RunInputs:
+    """Load model, tokenizer and splits as the config says; checks that they fit each other."""
+    model_dir = resolve_model_dir(config.model.path)
+    model = load_model(model_dir, dtype=DTYPES[config.model.dtype], device=config.model.torch_device())
+    tokenizer = load_tokenizer(config.model.tokenizer or model_dir)
+    splits = load_text_splits(config.data.text, config.data.train_fraction, config.data.text_column)
+    train_ids = tokenizer.encode(splits.train)
+    check_vocab_fits(tokenizer, model.config.vocab_size, train_ids)
+    train_blocks = pack_blocks(train_ids, config.data.block_size, splits.source)
+    calibration = calibration_blocks(train_blocks, config.calibration.n_blocks, config.calibration.seed)
+    validation = splits.validation
+    if config.data.max_eval_tokens:
+        ids = tokenizer.encode(validation)[: config.data.max_eval_tokens + 1]
+        validation = tokenizer.decode(ids)
+    return RunInputs(model, tokenizer, train_blocks, calibration, validation)
+
+
+def calibration_key(config: RunConfig, inputs: RunInputs, sites) -> dict:
+    """Everything a calibration depends on: model, data, sites, token count, dtype."""
+    blocks = inputs.calibration_blocks
+    return {
+        "model": model_fingerprint(inputs.model),
+        "data": data_fingerprint(blocks),
+        "sites": sorted(sites),
+        "tokens": int(blocks[:, :-1].numel()),
+        "dtype": config.model.dtype,
+    }
+
+
+def run_calibration(config: RunConfig, inputs: RunInputs, sites, progress: bool = True) -> Calibration:
+    """Collect statistics for `sites` on the float model and key them."""
+    stats = collect_statistics(inputs.model, inputs.calibration_blocks, sites, config.calibration.batch_size, progress)
+    return Calibration(stats, calibration_key(config, inputs, sites))
+
+
+def load_or_run_calibration(config: RunConfig, inputs: RunInputs, sites, progress: bool = True) -> Calibration | None:
+    """Reuse the saved calibration when its key matches this run, else collect a new one."""
+    if not sites:
+        return None
+    directory = config.calibration_dir
+    expected = calibration_key(config, inputs, sites)
+    if (directory / "calibration.safetensors").is_file():
+        return Calibration.load(directory, expected)
+    calibration = run_calibration(config, inputs, sites, progress)
+    calibration.save(directory)
+    return calibration
