@@ -15,6 +15,7 @@ from .data import DEFAULT_TEXT, SHIPPED_DIR
 from .errors import UserError
 
 DEFAULT_MODEL = SHIPPED_DIR / "mamba-shakespeare"
+DEFAULT_CONFIG = SHIPPED_DIR.parent / "configs" / "default.yaml"
 
 
 def add_eval_parser(subparsers) -> None:
@@ -53,7 +54,7 @@ def run_eval(args) -> dict:
 
 
 def add_config_arguments(parser) -> None:
-    parser.add_argument("--config", default=None, help="run config YAML (default: built-in defaults, see configs/default.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: configs/default.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.block_size=128")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -103,6 +104,27 @@ def run_ablate(args) -> dict:
     return report
 
 
+def add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="quantization-aware training of rotations and LoRA")
+    add_config_arguments(parser)
+    parser.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None,
+                        help="latest, step_N or a checkpoint directory to resume from")
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args) -> dict:
+    from train.config import load_run_config
+    from train.loop import train
+
+    config = load_run_config(args.config, args.overrides)
+    results = train(config, args.resume_from_checkpoint)
+    print(f"{'model':>10}  validation loss (nats/token)")
+    for name in ("float", "rtn", "klt_ptq", "trained"):
+        print(f"{name:>10}  {results[name]:.4f}  ({results[name] - results['float']:+.4f})")
+    print(f"max |RᵀR − I| = {results['orthogonality_error']:.2e}; results in {config.output_dir}/results.json")
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambaspin", description="Quantize Mamba language models with learned rotations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -110,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_calibrate_parser(subparsers)
     add_ablate_parser(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 
@@ -123,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
             write_json_atomic(args.json, report)
     except UserError as error:
-        print(f"mambaspin {args.command}: error: {error}", file=sys.stderr)
+        print(f"mambaspin {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0
 

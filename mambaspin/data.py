@@ -20,7 +20,16 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped"
 DEFAULT_TEXT = SHIPPED_DIR / "tinyshakespeare.txt"
-SPLITS = ("train", "validation", "calibration")
+PROJECT_ROOT = SHIPPED_DIR.parent
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """Return `path` as given when it exists, else relative to the project root when it exists
+    there (so configs can name shipped/... from any working directory)."""
+    if Path(path).exists() or Path(path).is_absolute():
+        return str(path)
+    candidate = PROJECT_ROOT / path
+    return str(candidate) if candidate.exists() else str(path)
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ def load_text_splits(source: str | os.PathLike, train_fraction: float = 0.9, tex
     A local file is split at `train_fraction` of its characters (first part train). A dataset
     must have a 'train' split and a 'validation' (or 'test') split; its rows are joined by newlines.
     """
-    path = Path(source)
+    path = Path(resolve_path(source))
     if path.is_file():
         text = path.read_text(encoding="utf-8")
         cut = int(len(text) * train_fraction)

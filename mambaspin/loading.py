@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import MambaConfig, config_from_dict
+from .data import resolve_path
 from .errors import UserError
 from .model import MambaLM
 
@@ -31,7 +32,7 @@ WEIGHT_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt", "*.
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """Return a local directory for a path or a hub id (downloaded into the hub cache)."""
-    path = Path(name_or_path)
+    path = Path(resolve_path(name_or_path))
     if path.is_dir():
         return path
     if path.exists():

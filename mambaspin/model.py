@@ -21,7 +21,8 @@ Named points. Each activation that a later stage rotates or quantizes passes thr
     ssm_state       (b, l, d_inner, n)  all states h, before the h·C product (forces the torch scan)
     ssm_y           (b, l, d_inner)     the h·C product, before the D skip (forces the torch scan)
     out_proj_input  (b, l, d_inner)     gated scan output, before out_proj
-Model point:
+Model points:
+    embedding_output (b, l, d_model)    embedding lookup, before the first block
     lm_head_input   (b, l, d_model)     output of norm_f, before lm_head
 The gate y * SiLU(z) is the `gate` submodule of each mixer, so it can be replaced too.
 """
@@ -47,7 +48,7 @@ MIXER_POINTS = (
     "ssm_y",
     "out_proj_input",
 )
-MODEL_POINTS = ("lm_head_input",)
+MODEL_POINTS = ("embedding_output", "lm_head_input")
 
 
 class RMSNorm(nn.Module):
@@ -154,8 +155,8 @@ class MambaBackbone(nn.Module):
         self.layers = nn.ModuleList([MambaBlock(config) for _ in range(config.n_layer)])
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embeddings(input_ids)  # (b, l, d_model)
+    def forward(self, input_ids: torch.Tensor, embedding_point: nn.Module) -> torch.Tensor:
+        hidden = embedding_point(self.embeddings(input_ids))  # (b, l, d_model)
         for layer in self.layers:
             hidden = layer(hidden)
         return self.norm_f(hidden)  # (b, l, d_model)
@@ -175,9 +176,9 @@ class MambaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (b, l) int64. Returns logits (b, l, v)."""
-        hidden = self.backbone(input_ids)  # (b, l, d_model)
+        hidden = self.backbone(input_ids, self.points["embedding_output"])  # (b, l, d_model)
         hidden = self.points["lm_head_input"](hidden)
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype))  # (b, l, v)
+        return self.lm_head(hidden.to(self.backbone.embeddings.weight.dtype))  # (b, l, v)
 
     @property
     def mixers(self) -> list[MambaMixer]:

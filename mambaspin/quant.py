@@ -704,7 +704,8 @@ class ActFakeQuantizer(nn.Module):
     ``dynamic=False``) needs calibration first: call `observe` on calibration inputs, or
     set ``calibrating = True`` so that ``forward`` observes and returns its input
     unchanged, then call `freeze`. The observed min and max, the frozen scale and zero
-    point are buffers, and the frozen flag is saved as extra state in ``state_dict``.
+    point are buffers, and so is the frozen flag (a bool tensor, so ``state_dict`` holds
+    only tensors and saves to safetensors).
     When ``enabled`` is False, ``forward`` returns its input unchanged.
     """
 
@@ -713,7 +714,7 @@ class ActFakeQuantizer(nn.Module):
         self.cfg = cfg
         self.enabled = True
         self.calibrating = False
-        self.frozen = False
+        self.register_buffer("frozen_flag", torch.tensor(False))
         if cfg.static:
             self.register_buffer("observed_min", torch.tensor(math.inf))
             self.register_buffer("observed_max", torch.tensor(-math.inf))
@@ -789,11 +790,13 @@ class ActFakeQuantizer(nn.Module):
         zero = None if self.cfg.symmetric else self.zero
         return fake_quantize_activation(x, self.cfg, scale=self.scale, zero=zero)
 
-    def get_extra_state(self) -> dict[str, bool]:
-        return {"frozen": self.frozen}
+    @property
+    def frozen(self) -> bool:
+        return bool(self.frozen_flag)
 
-    def set_extra_state(self, state: dict[str, bool]) -> None:
-        self.frozen = bool(state["frozen"])
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self.frozen_flag.fill_(bool(value))
 
     def extra_repr(self) -> str:
         cfg = self.cfg

@@ -136,7 +136,7 @@ def build_rotations(config: RotationConfig, model, calibration=None) -> Rotation
             seed = options.seed if layer is None else options.seed * 1000 + layer
             try:
                 matrix = init_matrix(options.init, size, seed, options.random_signs, covariance)
-            except UserError as error:
+            except ValueError as error:  # hadamard_matrix raises a plain ValueError for sizes it cannot build
                 raise UserError(f"rotation {site} (size {size}): {error}") from error
             if layer is None:
                 rotations.global_matrices[site] = matrix

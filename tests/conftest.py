@@ -26,6 +26,10 @@ MIN_TOKENIZER_VOCAB = 257
 DEFAULT_VOCAB = 300
 NOISE_SCALE = 0.1
 
+# The models are tiny, so a second intra-op thread costs more in synchronization than it saves,
+# and on a busy machine a waiting thread can slow a test down many times over.
+torch.set_num_threads(1)
+
 
 @functools.lru_cache(maxsize=1)
 def sample_text() -> str:

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mambaspin.loading
+from mambaspin.cli import main
 from mambaspin.errors import UserError
 from mambaspin.evaluate import evaluate_text
 from mambaspin.loading import load_model
@@ -34,7 +36,7 @@ def model_and_tokenizer(hf_model_dir):
 
 def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     """Run `python -m mambaspin.cli` in offline mode and capture its output as text."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "mambaspin.cli", *args],
         cwd=cwd,
@@ -173,3 +175,17 @@ def test_cli_bad_input(tmp_path, model_factory, eval_text, case):
     assert lines[0].startswith("mambaspin eval: error: ")
     assert "Traceback" not in completed.stderr
     assert completed.stdout == ""
+
+
+def test_cli_multiline_error_printed_as_one_line(monkeypatch, capsys, tmp_path):
+    # Errors from the hub client can contain line breaks, but the CLI must still print one line.
+    def fail(name_or_path):
+        raise UserError(f"could not fetch {name_or_path}\nsecond line of the cause")
+
+    monkeypatch.setattr(mambaspin.loading, "resolve_model_dir", fail)
+
+    status = main(["eval", "--model", "org/model", "--data", str(tmp_path / "unused.txt")])
+
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.err == "mambaspin eval: error: could not fetch org/model second line of the cause\n"

@@ -21,7 +21,7 @@ from mambaspin.model import MambaLM
 
 LENGTH = 37
 PARITY_TOLERANCE = 1e-5
-# An original config.json stores the unpadded vocabulary; the embedding has 256 rows.
+# An original config.json stores the unpadded vocabulary, and the embedding has 256 rows.
 ORIGINAL_VOCAB = 250
 PADDED_VOCAB = 256
 
@@ -54,7 +54,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def original_config() -> dict:
-    """Return an original mamba_ssm config.json dict; ssm_cfg {} keeps d_state 16, expand 2, d_conv 4."""
+    """Return an original mamba_ssm config.json dict. An empty ssm_cfg keeps d_state 16, expand 2, d_conv 4."""
     return {
         "d_model": 48,
         "n_layer": 2,
@@ -99,13 +99,13 @@ def network_attempts(monkeypatch) -> list:
     """Make name lookups and socket connections fail, and record each attempt in the returned list."""
     attempts = []
 
-    def refuse(*args, **kwargs):
+    def reject_connection(*args, **kwargs):
         attempts.append(args[:2])
         raise OSError("network access is disabled in this test")
 
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", reject_connection)
+    monkeypatch.setattr(socket, "create_connection", reject_connection)
+    monkeypatch.setattr(socket.socket, "connect", reject_connection)
     return attempts
 
 

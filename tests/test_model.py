@@ -112,6 +112,15 @@ def test_model_point_zero_scale_zeroes_logits(tiny_model):
     assert torch.count_nonzero(logits) == 0
 
 
+def test_zero_embedding_ignores_ids(tiny_model):
+    tiny_model.set_point("embedding_output", None, Scale(0.0))
+    with torch.no_grad():
+        first = tiny_model(random_ids(DEFAULT_VOCAB, seed=1))
+        second = tiny_model(random_ids(DEFAULT_VOCAB, seed=2))
+
+    assert torch.equal(first, second)
+
+
 def test_identity_detaches_point(tiny_model):
     ids = random_ids(DEFAULT_VOCAB)
     with torch.no_grad():
@@ -137,8 +146,10 @@ def test_every_point_is_called(tiny_model):
         "ssm_state": (batch, length, config.d_inner, config.d_state),
         "ssm_y": (batch, length, config.d_inner),
         "out_proj_input": (batch, length, config.d_inner),
+        "embedding_output": (batch, length, config.d_model),
         "lm_head_input": (batch, length, config.d_model),
     }
+    # A new point needs its documented shape here.
     assert set(expected_shapes) == set(MIXER_POINTS + MODEL_POINTS)
 
     recorders = {}

@@ -1,9 +1,9 @@
 """Tests of rotation building and folding: function preservation, no silent fallback, the pure
 weight functions and the KLT.
 
-The models are tiny random Mamba-1 LMs (d_model 48, 2 layers, d_state 8, dt_rank 3) whose
-parameters all carry seeded noise, so norm weights, A_log, D and biases are away from their
-initial values and a fold that drops or misplaces one of them changes the logits.
+The models are tiny random Mamba-1 LMs (d_model 48, 2 layers, d_state 8, dt_rank 3). Every
+parameter carries seeded noise, so norm weights, A_log, D and biases are away from their initial
+values. A fold that drops or misplaces one of them therefore changes the logits.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ VARIANTS = [
     for bias in (False, True)
     for tie in (True, False)
 ]
-# "klt_hadamard" stands for the KLT-enhanced init: K·H wherever the size has a Hadamard matrix,
+# "klt_hadamard" here means the KLT-enhanced init: K·H wherever the size has a Hadamard matrix,
 # and plain K at R5, whose size 3 has none.
 INITS = ("random", "klt_hadamard")
 
@@ -187,7 +187,7 @@ def test_shipped_fold_preserves_logits(subset):
 # ---------------------------------------------------------------------------
 
 # Weights a site rewrites when it is applied alone. "x_proj.dt", "x_proj.B" and "x_proj.C" are
-# the row blocks of x_proj. R1 also folds the norm weights, which are checked apart.
+# the row blocks of x_proj. R1 also folds the norm weights, which test_fold_r1_resets_norms checks.
 TOUCHED = {
     "R1": {"embeddings", "lm_head", "in_proj", "out_proj", "out_proj.bias"},
     "R2": {"out_proj"},
@@ -423,7 +423,7 @@ def test_klt_layers_differ(site):
 
 @pytest.mark.parametrize("site, layer", LAYER_CASES)
 def test_klt_not_symmetric(site, layer):
-    # Guard for the transposition test below, which can fail only for a non-symmetric K.
+    # Guard for the transposition test below, which detects a transposed K only when K is not symmetric.
     rotation = klt_rotations().get(site, layer)
 
     assert (rotation - rotation.T).abs().max() > 1e-3

@@ -12,7 +12,7 @@ from mambaspin.scan import (
     selective_scan_torch,
 )
 
-# (batch, length, d_inner, d_state): length 1, odd sizes, and a length past the conv kernel.
+# (batch, length, d_inner, d_state): length 1, odd sizes, and d_state 16 as in released models.
 SHAPES = [(1, 1, 1, 1), (2, 1, 5, 3), (3, 7, 5, 2), (2, 19, 11, 4), (1, 33, 16, 16)]
 SHAPE_IDS = ["b1_l1_d1_n1", "b2_l1_d5_n3", "b3_l7_d5_n2", "b2_l19_d11_n4", "b1_l33_d16_n16"]
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D")

@@ -98,16 +98,82 @@ class QuantSection:
 
 
 @dataclass(frozen=True)
+class LoraSection:
+    """LoRA adapters trained jointly with the rotations; rank 0 trains rotations alone."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.dropout != 0.0:
+            raise UserError(
+                f"lora.dropout={self.dropout} is invalid in QAT: the trained weight Q(R·(W + s·B·A)·R) must be "
+                "the merged weight that is shipped, and dropout on the LoRA input breaks that. Set lora.dropout=0."
+            )
+
+    def settings(self):
+        from lora.adapters import LoraSettings
+
+        if self.rank == 0:
+            return None
+        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Optimizers, schedule and loss of quantization-aware training."""
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr_lora: float = 1e-3
+    lr_rotation: float = 0.05
+    rotation_optimizer: str = "sgd"
+    momentum: float = 0.9
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    stabilize: int = 10
+    learnable_act_scales: bool = True
+
+    def __post_init__(self):
+        if self.rotation_optimizer not in ("sgd", "adam"):
+            raise UserError(f"train.rotation_optimizer={self.rotation_optimizer!r} is invalid: expected sgd or adam")
+        for name in ("batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"train.{name}={value!r} is invalid: expected a positive integer")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise UserError(f"train.distill_weight={self.distill_weight} is invalid: expected a number from 0 to 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one run depends on; see configs/default.yaml for each setting."""
 
     output_dir: str = "runs/default"
     seed: int = 0
+    max_steps: int = 300
+    save_every: int = 100
+    eval_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 2
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     quant: QuantSection = field(default_factory=QuantSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        for name in ("max_steps", "save_every", "eval_every", "log_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise UserError(f"{name}={value!r} is invalid: expected a non-negative integer (0 turns it off)")
 
     @property
     def calibration_dir(self) -> Path:
