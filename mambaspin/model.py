@@ -163,7 +163,7 @@ class MambaBackbone(nn.Module):
 
 
 class MambaLM(nn.Module):
-    """Mamba-1 causal LM: backbone and lm_head (tied to the embedding when config says so)."""
+    """Mamba-1 causal LM: backbone and lm_head (tied to the embedding when config.tie_embeddings is set)."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()

@@ -147,5 +147,36 @@ def pretrain(cfg: PretrainConfig) -> dict:
     summary = {"config": asdict(cfg), "history": history,
                "best": min(history, key=lambda h: h["nats_per_char"]),
                "parameters": sum(p.numel() for p in model.parameters())}
-    save_model(model, cfg.out_dir, tokenizer, {"training_log.json": json.dumps(summary, indent=2) + "\n"})
+    files = {"training_log.json": json.dumps(summary, indent=2) + "\n", "README.md": model_card(summary)}
+    save_model(model, cfg.out_dir, tokenizer, files)
     return summary
+
+
+def model_card(summary: dict) -> str:
+    """A short markdown model card from the pretraining summary."""
+    cfg, best = summary["config"], summary["best"]
+    return f"""# mamba-shakespeare
+
+The default model shipped with mambaspin: a Mamba-1 causal LM in the Hugging Face
+`MambaForCausalLM` format, trained on Tiny Shakespeare by `scripts/pretrain_reference.py`.
+
+| | |
+|---|---|
+| parameters | {summary["parameters"]:,} (embedding tied to lm_head) |
+| shape | d_model {cfg["d_model"]}, d_inner {2 * cfg["d_model"]}, {cfg["n_layer"]} layers, d_state 16, d_conv 4, dt_rank {-(-cfg["d_model"] // 16)} |
+| tokenizer | byte-level BPE, {cfg["vocab_size"]} tokens, trained on the training split only |
+| data | Tiny Shakespeare (`shipped/tinyshakespeare.txt`): first 90% of characters train, last 10% validation |
+| validation loss | {best["loss_per_token"]:.4f} nats/token, {best["nats_per_char"]:.4f} nats/char, {best["bits_per_char"]:.4f} bits/char |
+| validation tokens | {best["tokens"]:,} tokens, {best["chars"]:,} characters |
+| best epoch | {best["epoch"] + 1} of {len(summary["history"])} run, {best["minutes"]:.0f} minutes of CPU training |
+
+Training: AdamW (lr {cfg["lr"]}, betas 0.9/0.95, weight decay {cfg["weight_decay"]} on matrices), linear
+warmup over {cfg["warmup_steps"]} steps then cosine decay to lr/10 over {cfg["max_epochs"]} epochs, batches of
+{cfg["batch_size"]} x {cfg["block_size"]} tokens from a randomly shifted packing each epoch, dropout {cfg["dropout"]}
+at each out_proj input and at the lm_head input (removed in the shipped weights), gradient clipping
+at 1.0, early stopping after {cfg["patience"]} epochs without improvement; the best epoch is kept. The
+validation loss is total nats over total characters of the validation split, in windows of
+{cfg["block_size"]} tokens. `training_log.json` has every epoch.
+
+Reproduce: `python scripts/pretrain_reference.py` (seed {cfg["seed"]}).
+"""

@@ -12,7 +12,7 @@ Supported orders are n = m * 2^k, where the base order m is one of:
 The full matrix is kron(H_m, H_(2^k)) with the largest k for which m has a construction.
 A Hadamard matrix of order n > 2 can exist only when 4 divides n. Some multiples of 4,
 such as 92 and 116, have Hadamard matrices that none of these constructions reach, and
-this module raises ValueError for them.
+this module raises UserError (a ValueError) for them.
 
 Source for the Paley constructions: the Wikipedia article "Paley construction", which
 describes R. Paley, "On orthogonal matrices", J. Math. Phys. 12 (1933).
@@ -141,8 +141,8 @@ def _nearest_supported(n: int) -> tuple[int | None, int]:
     return below, above
 
 
-def _unsupported_size_error(n: int) -> ValueError:
-    """Build the ValueError for an order ``n`` that has no construction here."""
+def _unsupported_size_error(n: int) -> UserError:
+    """Build the UserError for an order ``n`` that has no construction here."""
     below, above = _nearest_supported(n)
     neighbours = ", ".join(str(size) for size in (below, above) if size is not None)
     if n < 1:
@@ -151,7 +151,7 @@ def _unsupported_size_error(n: int) -> ValueError:
         reason = f"No Hadamard construction is known here for size {n}."
         if n > 2 and n % 4 != 0:
             reason += " A Hadamard matrix of order n > 2 exists only when n is a multiple of 4."
-    return ValueError(
+    return UserError(
         f"{reason} Supported sizes near {n}: {neighbours}. "
         "Set `init: random` to use a seeded random orthogonal matrix instead."
     )

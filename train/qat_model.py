@@ -9,6 +9,7 @@ teacher, with no second copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from rotations.trainable import RotationParams, WeightRotation, attach_online_ro
 
 def _wrap(inner: nn.Module, transform, scheme_weight, name: str) -> QATLinear:
     base = base_linear(inner)
-    merge = merged_weight if lora_factors(inner) is not None else None
+    merge = functools.partial(merged_weight, check_finite=False) if lora_factors(inner) is not None else None
     quantizer = None
     if scheme_weight is not None:
         quantizer = WeightFakeQuantizer(scheme_weight, base.out_features, base.in_features, name)
