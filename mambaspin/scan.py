@@ -13,8 +13,9 @@ Three implementations:
 - `selective_scan_reference`: a step-by-step Python loop under autograd. Slow, obviously right;
   tests compare the others against it.
 - `selective_scan_torch`: the CPU path, `FusedSelectiveScan`: one autograd node with a
-  hand-written backward, so no per-step autograd graph is kept. About 30x faster than
-  transformers' CPU path for forward + backward (scripts/bench_scan.py measures it).
+  hand-written backward, so no per-step autograd graph is kept. scripts/bench_scan.py measures
+  its forward + backward against transformers' CPU path (0.015 to 0.02 of its time on 16 x 128
+  tokens at d_inner 256 to 768, one thread); against the reference loop it is about as fast.
 - `mamba_ssm`'s CUDA kernel, used by `selective_scan` on CUDA tensors when it imports.
 """
 

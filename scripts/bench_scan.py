@@ -4,7 +4,10 @@ Prints a markdown table of median seconds and of time ratios selective_scan_torc
 ratio below 1 means that selective_scan_torch is faster. The defaults are batch 16, length 128
 and d_state 16.
 
-    python scripts/bench_scan.py --repeats 3 --json runs/bench_scan.json
+On a machine shared with other CPU-heavy work, pass --threads 1. On a 2-core machine with a
+training job running, two intra-op threads made the same measurement vary by 10x or more.
+
+    python scripts/bench_scan.py --threads 1 --repeats 3 --json runs/bench_scan.json
 """
 
 from __future__ import annotations
