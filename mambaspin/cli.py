@@ -125,6 +125,26 @@ def run_train(args) -> dict:
     return results
 
 
+def add_merge_parser(subparsers) -> None:
+    parser = subparsers.add_parser("merge", help="fold a trained run into a quantized or Hugging Face checkpoint")
+    parser.add_argument("--run", required=True, help="run directory (the training output_dir)")
+    parser.add_argument("--checkpoint", default="latest", help="latest, step_N or a checkpoint directory")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--format", default="mambaspin", choices=["mambaspin", "hf"],
+                        help="mambaspin: packed quantized weights with online rotations; hf: float MambaForCausalLM")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.set_defaults(handler=run_merge)
+
+
+def run_merge(args) -> dict:
+    from train.merge import merge
+
+    report = merge(args.run, args.out, args.checkpoint, args.format, args.overwrite)
+    print(f"merged {report['checkpoint']} into {report['out']} ({report['format']} format)")
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambaspin", description="Quantize Mamba language models with learned rotations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -133,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(subparsers)
     add_ablate_parser(subparsers)
     add_train_parser(subparsers)
+    add_merge_parser(subparsers)
     return parser
 
 

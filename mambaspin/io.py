@@ -31,3 +31,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data) -> Path:
     """Write `data` as indented JSON to `path` atomically."""
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def make_readable(directory: Path) -> None:
+    """Give a staged output directory the usual permissions (0755, files 0644): temporary
+    directories and some writers create them private to the owner."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o755 if path.is_dir() else 0o644)

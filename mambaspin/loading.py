@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import MambaConfig, config_from_dict
 from .data import resolve_path
 from .errors import UserError
+from .io import make_readable
 from .model import MambaLM
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,13 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> MambaLM:
-    """Load a Mamba-1 checkpoint (Hugging Face or original mamba_ssm format) as a `MambaLM`."""
+    """Load a Mamba-1 checkpoint (Hugging Face, original mamba_ssm, or a mambaspin quantized
+    checkpoint, which keeps its own dtype) as a `MambaLM`."""
     directory = resolve_model_dir(name_or_path)
+    from .export import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(directory):
+        return load_quantized(directory, device=device)
     config = read_config(directory)
     state = {_hf_name(name): tensor for name, tensor in read_state_dict(directory).items()}
     if config.tie_embeddings:
@@ -142,6 +148,7 @@ def save_model(model: MambaLM, directory: str | os.PathLike, tokenizer=None, ext
             tokenizer.save(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+        make_readable(staging)
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)

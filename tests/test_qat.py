@@ -20,7 +20,8 @@ from mambaspin.loading import load_model, save_model
 from mambaspin.model import MambaLM
 from mambaspin.qat import QATLinear
 from mambaspin.quant import ActFakeQuantizer, ActQuantConfig, WeightQuantConfig, fake_quantize_weight
-from mambaspin.quant_model import LINEARS, QuantScheme, attach_act_quantizers, calibrate_act_quantizers, quantize_weights_rtn
+from mambaspin.quant_model import (LINEARS, QuantScheme, attach_act_quantizers, calibrate_act_quantizers,
+                                   quantize_weights_rtn)
 from mambaspin.tokenizer import train_byte_level_bpe
 from rotations.fold import apply_rotations, rotate_dt_proj, rotate_in_proj, rotate_out_proj, rotate_x_proj
 from rotations.klt import build_rotations
@@ -39,10 +40,10 @@ D_STATE = 8
 
 # Both paths apply the same rotations and round-to-nearest quantizers. The QAT model rotates in
 # float32 at every forward and the offline path folds in float64, so a few activation values on a
-# rounding boundary land on the neighbouring code, and the error of that token (about 1e-3) decays
-# over the next tokens of its sequence. Most tokens stay within float32 rounding, so parity is
-# judged by the median over tokens of the per-token relative error. Leaving out the rotations or
-# the quantizers moves that median above 1e-3 (W8A8 on this checkpoint).
+# rounding boundary land on the neighbouring code. The error of such a token (about 1e-3) decays
+# over the next tokens of its sequence, while most tokens stay within float32 rounding. Parity is
+# therefore judged by the median over tokens of the per-token relative error. Leaving out the
+# rotations or the quantizers moves that median above 1e-3 (W8A8 on this checkpoint).
 PARITY_TOLERANCE = 1e-5
 # The float teacher has no quantizer, so every logit must match, not only most tokens.
 FLOAT_TOLERANCE = 1e-5
@@ -100,12 +101,12 @@ def prepare(config, scheme: QuantScheme | None = None):
 
 
 def sample_ids(inputs) -> torch.Tensor:
-    """Eight training blocks without their last token, (8, 32)."""
+    """Return eight training blocks without their last token, (8, 32)."""
     return inputs.train_blocks[:8, :-1]
 
 
 def median_token_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Median over tokens of ||actual_t - expected_t|| / ||expected_t||, for logits (b, l, v)."""
+    """Return the median over tokens of ||actual_t - expected_t|| / ||expected_t|| for logits (b, l, v)."""
     errors = torch.linalg.vector_norm(actual - expected, dim=-1) / torch.linalg.vector_norm(expected, dim=-1)
     return float(errors.median())
 
@@ -215,6 +216,18 @@ def test_float_mode_restores_flags(workspace):
     assert after[1] == before[1]
 
 
+@pytest.mark.xfail(strict=True, reason="float_mode sets rotations.enabled to True on exit instead of restoring "
+                                       "the value it found, so a nested float_mode turns the rotations back on")
+def test_float_mode_nested_keeps_rotations_off(workspace):
+    config = make_config(workspace, "quant.preset=W8A8")
+    inputs, _ = prepare(config)
+    model = inputs.model
+    with float_mode(model):
+        with float_mode(model):
+            pass
+        assert model.rotations.enabled is False
+
+
 # ---------------------------------------------------------------------------------------------
 # Cayley step
 
@@ -230,7 +243,8 @@ def test_cayley_step_matches_formula(size):
     point.grad = gradient.clone()
     geoopt.optim.RiemannianSGD([point], lr=lr, momentum=0.0).step()
 
-    # Cayley retraction of the canonical Stiefel metric (Li et al., 2020, eq. 5 with W = A).
+    # Cayley retraction for the canonical metric. geoopt 0.5.1 (CanonicalStiefel.retr) solves
+    # the linear system, so the explicit inverse here is an independent computation.
     u = -lr * (gradient - x @ gradient.T @ x)
     a = u @ x.T - x @ u.T
     eye = torch.eye(size, dtype=torch.float64)
@@ -247,7 +261,7 @@ def test_cayley_step_matches_formula(size):
 
 
 def expected_weight(model, kind: str, layer: int | None, linear: QATLinear):
-    """rotate(W + s·B·A) with the `rotations.fold` functions, from the raw base weight and factors."""
+    """Compute rotate(W + s·B·A) with the `rotations.fold` functions from the base weight and factors."""
     base = base_linear(linear.inner)
     weight, bias = base.weight.float(), base.bias
     factors = lora_factors(linear.inner)
@@ -301,9 +315,9 @@ def learnable_clip_scheme() -> QuantScheme:
                        ActQuantConfig(bits=4, granularity="per_tensor", dynamic=False))
 
 
-def prepare_trainable(workspace):
+def prepare_trainable(workspace, dtype: str = "float32"):
     """A QAT model with learnable weight clips, learnable static activation scales and R2 frozen."""
-    config = make_config(workspace, "rotation.sites.R2.train=false")
+    config = make_config(workspace, "rotation.sites.R2.train=false", f"model.dtype={dtype}")
     inputs, _ = prepare(config, learnable_clip_scheme())
     calibrate_act_quantizers(inputs.model, act_quantizers(inputs.model), inputs.calibration_blocks, progress=False)
     make_act_scales_learnable(inputs.model)
@@ -329,8 +343,9 @@ def test_trainables_are_expected_set(workspace):
     assert trainable == lora | clips | scales | rotations
 
 
-def test_rotations_are_float32_stiefel(workspace):
-    _, inputs = prepare_trainable(workspace)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rotations_are_float32_stiefel(workspace, dtype):
+    _, inputs = prepare_trainable(workspace, dtype)
     matrices = inputs.model.rotations.matrices
     assert set(matrices) == {"R1"} | {f"layers_{layer}_{site}" for layer in (0, 1) for site in ("R2", "R5", "R6")}
     for name, matrix in matrices.items():

@@ -281,5 +281,5 @@ def _stop_on_nan(config: RunConfig, state: TrainState, loss: torch.Tensor) -> No
 
     found = complete_checkpoints(config.output_dir)
     last = str(found[-1]) if found else "none"
-    raise FloatingPointError(f"loss became {float(loss)} at step {state.step + 1}; no checkpoint was written for it. "
+    raise FloatingPointError(f"loss became {float(loss.detach())} at step {state.step + 1}; no checkpoint was written for it. "
                              f"Last good checkpoint: {last}. Lower the learning rates and resume from it.")

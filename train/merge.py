@@ -1,0 +1,196 @@
+"""Recipe `mambaspin merge`: fold a trained run into a quantized (or plain Hugging Face) checkpoint.
+
+The QAT model is rebuilt from the run's config and loaded from the checkpoint, then every linear
+is written as the codes of exactly the weight it computed with in training: Q(T(W + s·B·A)), from
+the same float32 arithmetic, so the loaded checkpoint reproduces the training-time logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mambaspin import configtools
+from mambaspin.errors import NotSupportedError, UserError
+from mambaspin.export import ONLINE_SITES, pack_codes, quantization_config, write_quantized
+from mambaspin.loading import load_model, resolve_model_dir, save_model
+from mambaspin.model import MambaLM
+from mambaspin.quant import ActFakeQuantizer, quantize_weight
+from mambaspin.quant_model import LINEAR_INPUT_POINTS, LINEARS, SSM_POINTS
+from mambaspin.tokenizer import load_tokenizer
+from rotations.calibration import model_fingerprint
+from rotations.config import site_size
+from rotations.klt import RotationSet
+
+from .checkpoints import read_metadata, resolve_checkpoint
+from .config import DTYPES, RunConfig
+from .loop import identity_fingerprint
+from .qat_model import build_qat_model, make_act_scales_learnable
+
+logger = logging.getLogger(__name__)
+
+
+def placeholder_rotations(config: RunConfig, model_config) -> RotationSet:
+    """Identity matrices (and unit smoothing scales) of the run's shapes, overwritten by the checkpoint."""
+    rotations = RotationSet(layer_matrices=[{} for _ in range(model_config.n_layer)])
+    for site in config.rotation.applied:
+        eye = torch.eye(site_size(site, model_config), dtype=torch.float64)
+        if site == "R1":
+            rotations.global_matrices["R1"] = eye
+        else:
+            for matrices in rotations.layer_matrices:
+                matrices[site] = eye.clone()
+    if config.rotation.smooth.apply:
+        rotations.smooth_scales = [torch.ones(model_config.d_inner, dtype=torch.float64)] * model_config.n_layer
+    return rotations
+
+
+def load_trained(run_dir: str | Path, checkpoint: str = "latest"):
+    """Rebuild the QAT model of a run at a checkpoint. Returns (config, model, tokenizer, path)."""
+    path = resolve_checkpoint(run_dir, checkpoint)
+    metadata = read_metadata(path)
+    config = configtools.build(RunConfig, metadata["config"])
+    model_dir = resolve_model_dir(config.model.path)
+    model = load_model(model_dir, dtype=DTYPES[config.model.dtype])
+    if identity_fingerprint(config, model_fingerprint(model)) != metadata.get("identity"):
+        raise UserError(f"checkpoint {path} was trained from another model than {config.model.path} "
+                        "(the weights or the config differ); point model.path at the model the run started from")
+    build_qat_model(model, placeholder_rotations(config, model.config), config.rotation, config.quant.scheme(),
+                    config.lora.settings())
+    if config.train.learnable_act_scales:
+        for quantizer in model.modules():
+            if isinstance(quantizer, ActFakeQuantizer) and quantizer.cfg.static:
+                quantizer.frozen = True
+        make_act_scales_learnable(model)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as error:  # safetensors raises its own error type on truncated files
+        raise UserError(f"cannot read {path / 'model.safetensors'}: {error}") from error
+    model.load_state_dict(state, strict=True)
+    tokenizer = load_tokenizer(config.model.tokenizer or model_dir)
+    return config, model.eval(), tokenizer, path
+
+
+def _point_quantizer(module) -> ActFakeQuantizer | None:
+    chain = list(module) if isinstance(module, torch.nn.Sequential) else [module]
+    return next((m for m in chain if isinstance(m, ActFakeQuantizer)), None)
+
+
+@torch.no_grad()
+def quantized_tensors(model, scheme) -> dict[str, torch.Tensor]:
+    """Every tensor of the quantized checkpoint, from a QAT model (see mambaspin.export)."""
+    params, tensors = model.rotations, {}
+    embedding = model.backbone.embeddings.weight.float()
+    r1 = params.get("R1", None)
+    tensors["backbone.embeddings.weight"] = embedding if r1 is None else embedding @ r1.float()
+    for layer, block in enumerate(model.backbone.layers):
+        prefix, mixer = f"backbone.layers.{layer}", block.mixer
+        tensors[f"{prefix}.norm.weight"] = block.norm.weight.float()
+        tensors[f"{prefix}.mixer.conv1d.weight"] = mixer.conv1d.weight.float()
+        if mixer.conv1d.bias is not None:
+            tensors[f"{prefix}.mixer.conv1d.bias"] = mixer.conv1d.bias.float()
+        tensors[f"{prefix}.mixer.A_log"] = mixer.A_log.float()
+        tensors[f"{prefix}.mixer.D"] = mixer.D.float()
+        for name in LINEARS:
+            tensors.update(_linear_tensors(getattr(mixer, name), f"{prefix}.mixer.{name}"))
+        for site in ONLINE_SITES:
+            value = params.smooth(layer) if site == "smooth" else params.get(site, layer)
+            if value is not None:
+                tensors[f"{prefix}.mixer.online.{site}"] = value.float()
+        points = list(LINEAR_INPUT_POINTS.values()) + (list(SSM_POINTS) if scheme.ssm_inputs else [])
+        for point in points:
+            tensors.update(_act_tensors(_point_quantizer(mixer.points[point]), f"{prefix}.mixer.act.{point}"))
+    tensors["backbone.norm_f.weight"] = model.backbone.norm_f.weight.float()
+    tensors.update(_linear_tensors(model.lm_head, "lm_head"))
+    if scheme.lm_head:
+        tensors.update(_act_tensors(_point_quantizer(model.points["lm_head_input"]), "act.lm_head_input"))
+    return tensors
+
+
+def _linear_tensors(linear, prefix: str) -> dict:
+    weight, bias = linear.effective_weight()
+    out = {} if bias is None else {f"{prefix}.bias": bias.float()}
+    if not linear.use_quant:
+        return out | {f"{prefix}.weight": weight.float()}
+    quantizer = linear.quantizer
+    codes, scale, zero = quantize_weight(weight.float(), quantizer.cfg, quantizer.effective_clip())
+    out |= {f"{prefix}.qweight": pack_codes(codes, quantizer.cfg.bits), f"{prefix}.scale": scale}
+    return out if zero is None else out | {f"{prefix}.zero": zero}
+
+
+def _act_tensors(quantizer, prefix: str) -> dict:
+    if quantizer is None or not quantizer.cfg.static:
+        return {}
+    return {f"{prefix}.scale": quantizer.scale.detach().float().reshape(()),
+            f"{prefix}.zero": quantizer.zero.detach().float().reshape(())}
+
+
+def online_sites(config: RunConfig) -> list[str]:
+    sites = [site for site in config.rotation.applied if site in ONLINE_SITES]
+    return sites + (["smooth"] if config.rotation.smooth.apply else [])
+
+
+@torch.no_grad()
+def float_export_model(model) -> MambaLM:
+    """A plain float MambaLM with the offline sites (R1, R5), LoRA and norms folded in."""
+    float_model = MambaLM(dataclasses.replace(model.config, tie_embeddings=False))
+    tensors = quantized_tensors_float(model)
+    float_model.load_state_dict(tensors, strict=True)
+    return float_model
+
+
+def quantized_tensors_float(model) -> dict:
+    """State dict of the folded float model (no quantization), in MambaLM names."""
+    saved = [(m, m.use_quant) for m in model.modules() if hasattr(m, "use_quant") and hasattr(m, "effective_weight")]
+    for module, _ in saved:
+        module.use_quant = False
+    try:
+        tensors = quantized_tensors(model, dataclasses.replace(_no_quant_scheme(), ssm_inputs=False))
+    finally:
+        for module, flag in saved:
+            module.use_quant = flag
+    return {k: v for k, v in tensors.items() if ".online." not in k and ".act." not in k}
+
+
+def _no_quant_scheme():
+    from mambaspin.quant_model import QuantScheme
+
+    return QuantScheme()
+
+
+def merge_readme(config: RunConfig, checkpoint: Path, fmt: str) -> str:
+    scheme = config.quant.scheme()
+    return (f"# Merged mambaspin checkpoint\n\nMade by `mambaspin merge --format {fmt}` from `{checkpoint}`.\n\n"
+            f"- base model: `{config.model.path}`\n- quantization: {scheme.name} "
+            f"(weights: {scheme.weight}, activations: {scheme.act})\n"
+            f"- rotation sites: {', '.join(config.rotation.applied) or 'none'}; smoothing: {config.rotation.smooth.apply}\n"
+            f"- LoRA: rank {config.lora.rank}, alpha {config.lora.alpha}, folded into the weights\n\n"
+            "Load with `mambaspin.export.load_quantized(DIR)` or evaluate with `mambaspin eval --model DIR`.\n")
+
+
+def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", fmt: str = "mambaspin",
+          overwrite: bool = False) -> dict:
+    """Write the merged checkpoint of `run_dir` into `out_dir`; returns a summary."""
+    if fmt not in ("mambaspin", "hf"):
+        raise UserError(f"--format {fmt!r} is invalid: expected mambaspin or hf")
+    config, model, tokenizer, path = load_trained(run_dir, checkpoint)
+    if fmt == "hf":
+        online = online_sites(config)
+        if online:
+            raise NotSupportedError(f"--format hf with online sites {', '.join(online)}: the Hugging Face Mamba format "
+                                    "has no place for online rotations; use --format mambaspin, or train with only R1 and R5")
+        if Path(out_dir).exists() and not overwrite:
+            raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it or choose another --out")
+        save_model(float_export_model(model), out_dir, tokenizer, {"README.md": merge_readme(config, path, fmt)})
+    else:
+        scheme = config.quant.scheme()
+        online = {site: site in config.rotation.applied for site in ("R2", "R3", "R4", "R6")}
+        qconfig = quantization_config(scheme, online, config.rotation.smooth.apply)
+        write_quantized(out_dir, model.config, quantized_tensors(model, scheme), qconfig, tokenizer,
+                        merge_readme(config, path, fmt), overwrite)
+    logger.info("merged %s into %s (%s format)", path, out_dir, fmt)
+    return {"checkpoint": str(path), "out": str(out_dir), "format": fmt}
