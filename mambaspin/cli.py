@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 
@@ -118,6 +119,8 @@ def run_train(args) -> dict:
 
     config = load_run_config(args.config, args.overrides)
     results = train(config, args.resume_from_checkpoint)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return results
     print(f"{'model':>10}  validation loss (nats/token)")
     for name in ("float", "rtn", "klt_ptq", "trained"):
         print(f"{name:>10}  {results[name]:.4f}  ({results[name] - results['float']:+.4f})")

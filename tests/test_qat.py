@@ -216,8 +216,6 @@ def test_float_mode_restores_flags(workspace):
     assert after[1] == before[1]
 
 
-@pytest.mark.xfail(strict=True, reason="float_mode sets rotations.enabled to True on exit instead of restoring "
-                                       "the value it found, so a nested float_mode turns the rotations back on")
 def test_float_mode_nested_keeps_rotations_off(workspace):
     config = make_config(workspace, "quant.preset=W8A8")
     inputs, _ = prepare(config)

@@ -88,10 +88,16 @@ def make_act_scales_learnable(model) -> None:
 
 @contextlib.contextmanager
 def float_mode(model):
-    """Run `model` as the float model: rotations, LoRA and all quantizers off, restored on exit."""
-    linears, quantizers = qat_linears(model), act_quantizers(model)
-    saved = [(m.use_lora, m.use_quant) for m in linears], [q.enabled for q in quantizers]
-    model.rotations.enabled = False
+    """Run `model` as the float model: rotations, LoRA and all quantizers off, restored on exit.
+
+    Accepts a model wrapped by DistributedDataParallel too.
+    """
+    inner = getattr(model, "module", model)
+    linears, quantizers = qat_linears(inner), act_quantizers(inner)
+    saved_linears = [(m.use_lora, m.use_quant) for m in linears]
+    saved_quantizers = [q.enabled for q in quantizers]
+    saved_rotations = inner.rotations.enabled
+    inner.rotations.enabled = False
     for module in linears:
         module.use_lora, module.use_quant = False, False
     for quantizer in quantizers:
@@ -99,10 +105,10 @@ def float_mode(model):
     try:
         yield model
     finally:
-        model.rotations.enabled = True
-        for module, (use_lora, use_quant) in zip(linears, saved[0]):
+        inner.rotations.enabled = saved_rotations
+        for module, (use_lora, use_quant) in zip(linears, saved_linears):
             module.use_lora, module.use_quant = use_lora, use_quant
-        for quantizer, enabled in zip(quantizers, saved[1]):
+        for quantizer, enabled in zip(quantizers, saved_quantizers):
             quantizer.enabled = enabled
 
 
