@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 import sys
 
 from .data import DEFAULT_TEXT, SHIPPED_DIR
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = args.handler(args)
-        if getattr(args, "json", None):
+        if getattr(args, "json", None) and int(os.environ.get("RANK", "0")) == 0:
             from .io import write_json_atomic
 
             write_json_atomic(args.json, report)

@@ -19,11 +19,11 @@ import geoopt
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from mambaspin.errors import UserError
+from mambaspin.errors import NotSupportedError, UserError
 from mambaspin.evaluate import evaluate_text
 from mambaspin.io import write_json_atomic
 from mambaspin.quant_model import calibrate_act_quantizers
@@ -193,6 +193,11 @@ def _make_accelerator(config: RunConfig) -> Accelerator:
     accelerator = Accelerator(gradient_accumulation_steps=config.train.grad_accum, cpu=device.type == "cpu",
                               mixed_precision="bf16" if device.type == "cuda" else "no",
                               log_with=trackers, project_dir=config.output_dir)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise NotSupportedError(
+            f"training under {accelerator.distributed_type.value}: it shards parameters, and the Riemannian step needs "
+            "each rotation matrix whole. Use plain data parallelism (accelerate launch --multi_gpu, or torchrun / "
+            "--cpu with several processes), which is tested")
     if trackers:
         accelerator.init_trackers("mambaspin")
     return accelerator
