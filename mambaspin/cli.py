@@ -136,6 +136,7 @@ def add_merge_parser(subparsers) -> None:
     parser.add_argument("--format", default="mambaspin", choices=["mambaspin", "hf"],
                         help="mambaspin: packed quantized weights with online rotations; hf: float MambaForCausalLM")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--gptq", action="store_true", help="quantize weights with GPTQ instead of round-to-nearest")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.set_defaults(handler=run_merge)
 
@@ -143,7 +144,7 @@ def add_merge_parser(subparsers) -> None:
 def run_merge(args) -> dict:
     from train.merge import merge
 
-    report = merge(args.run, args.out, args.checkpoint, args.format, args.overwrite)
+    report = merge(args.run, args.out, args.checkpoint, args.format, args.overwrite, args.gptq)
     print(f"merged {report['checkpoint']} into {report['out']} ({report['format']} format)")
     return report
 

@@ -174,6 +174,22 @@ def _act_point_names(model: MambaLM, scheme: QuantScheme) -> list[str]:
     return names + (["act.lm_head_input"] if scheme.lm_head else [])
 
 
+def _read_quantized_config(directory: Path) -> dict:
+    """Read config.json of a quantized checkpoint; raise UserError unless it has a quantization_config."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{directory} is not a quantized checkpoint: config.json is missing. "
+                        "Pass a directory written by `mambaspin merge`.")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config_file} is not valid JSON: {error}. Merge the run again.") from error
+    if not isinstance(raw, dict) or not isinstance(raw.get("quantization_config"), dict):
+        raise UserError(f"{directory} is not a quantized checkpoint: config.json has no quantization_config. "
+                        "Load a float checkpoint with mambaspin.loading.load_model.")
+    return raw
+
+
 def load_quantized(directory: str | Path, device="cpu") -> MambaLM:
     """Load a mambaspin quantized checkpoint as a runnable `MambaLM` (CPU or CUDA).
 
@@ -181,7 +197,7 @@ def load_quantized(directory: str | Path, device="cpu") -> MambaLM:
     quantizer, and activations are fake-quantized as in training.
     """
     directory = Path(directory)
-    raw = json.loads((directory / "config.json").read_text())
+    raw = _read_quantized_config(directory)
     qconfig = raw["quantization_config"]
     if qconfig.get("version") != FORMAT_VERSION:
         raise UserError(f"{directory}: quantized format version {qconfig.get('version')} is not supported "

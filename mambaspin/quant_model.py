@@ -113,9 +113,36 @@ def calibrate_act_quantizers(model, quantizers, blocks: torch.Tensor, batch_size
         quantizer.freeze()
 
 
-def quantize_model_ptq(model, scheme: QuantScheme, calibration_blocks: torch.Tensor, progress: bool = True):
-    """Round-to-nearest weights and calibrated activation quantizers, in place. Returns the quantizers."""
-    quantize_weights_rtn(model, scheme)
+@torch.no_grad()
+def quantize_weights_gptq(model, scheme: QuantScheme, calibration_blocks: torch.Tensor) -> None:
+    """Replace each quantized linear's weight by its GPTQ value, from Hessians of its inputs as the
+    model computes them now (activation quantizers included, weights still float)."""
+    from .gptq import collect_hessians, gptq_quantize
+    from .quant import dequantize_weight
+
+    if scheme.weight is None:
+        return
+    linears = dict(quantized_linears(model, scheme))
+    hessians = collect_hessians(model, linears, calibration_blocks)
+    for name, linear in linears.items():
+        scheme.weight.check_shape(linear.out_features, linear.in_features, name)
+        codes, scale, zero = gptq_quantize(linear.weight.float(), hessians[name].hessian(), scheme.weight)
+        linear.weight.copy_(dequantize_weight(codes, scale, zero, scheme.weight).to(linear.weight.dtype))
+
+
+def quantize_model_ptq(model, scheme: QuantScheme, calibration_blocks: torch.Tensor, progress: bool = True,
+                       gptq: bool = False):
+    """Quantize in place: round-to-nearest (or GPTQ) weights and calibrated activation quantizers.
+
+    Static activation scales are calibrated with the quantized weights, as in QAT. GPTQ needs the
+    quantized activations first, so it calibrates them on float weights, quantizes the weights
+    and calibrates again. Returns the activation quantizers.
+    """
+    if not gptq:
+        quantize_weights_rtn(model, scheme)
     quantizers = attach_act_quantizers(model, scheme)
     calibrate_act_quantizers(model, quantizers, calibration_blocks, progress=progress)
+    if gptq:
+        quantize_weights_gptq(model, scheme, calibration_blocks)
+        calibrate_act_quantizers(model, quantizers, calibration_blocks, progress=progress)
     return quantizers

@@ -346,6 +346,33 @@ def test_load_rejects_truncated_weights(damaged_copy):
     assert "model.safetensors" in loaded_message(damaged_copy)
 
 
+def test_load_rejects_float_checkpoint(workspace):
+    message = loaded_message(workspace["model_dir"])
+    assert "quantization_config" in message
+
+
+def test_load_rejects_missing_config(damaged_copy):
+    (damaged_copy / "config.json").unlink()
+    assert "config.json" in loaded_message(damaged_copy)
+
+
+def test_load_rejects_invalid_config(damaged_copy):
+    (damaged_copy / "config.json").write_text("{not json")
+    assert "not valid JSON" in loaded_message(damaged_copy)
+
+
+def test_merge_rejects_incomplete_run(trained, tmp_path):
+    run = Path(shutil.copytree(trained("quant.preset=W4A4"), tmp_path / "run"))
+    weights = resolve_checkpoint(run, "latest") / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(name for name in sorted(tensors) if ".lora_B." in name)
+    del tensors[name]
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError) as caught:
+        merge(run, tmp_path / "out")
+    assert name in str(caught.value)
+
+
 def test_merge_rejects_other_model(workspace, tmp_path):
     model_dir = Path(shutil.copytree(workspace["model_dir"], tmp_path / "model"))
     run = train_run(model_dir, workspace["text_file"], tmp_path / "run")
@@ -360,6 +387,14 @@ def test_merge_rejects_unwritable_out(trained, tmp_path):
     blocker.write_text("a regular file")
     with pytest.raises(UserError) as caught:
         merge(trained("quant.preset=W4A4"), blocker / "out")
+    assert str(blocker) in str(caught.value)
+
+
+def test_hf_export_rejects_unwritable_out(trained, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a regular file")
+    with pytest.raises(UserError) as caught:
+        merge(trained(*OFFLINE_ONLY), blocker / "out", fmt="hf")
     assert str(blocker) in str(caught.value)
 
 

@@ -50,6 +50,13 @@ def load_inputs(config: RunConfig) -> RunInputs:
     return RunInputs(model, tokenizer, train_blocks, calibration, validation)
 
 
+def load_calibration_blocks(config: RunConfig, tokenizer) -> torch.Tensor:
+    """The run's calibration blocks (n, block_size + 1), drawn as `load_inputs` draws them."""
+    splits = load_text_splits(config.data.text, config.data.train_fraction, config.data.text_column)
+    train_blocks = pack_blocks(tokenizer.encode(splits.train), config.data.block_size, splits.source)
+    return calibration_blocks(train_blocks, config.calibration.n_blocks, config.calibration.seed)
+
+
 def calibration_key(config: RunConfig, inputs: RunInputs, sites) -> dict:
     """Everything a calibration depends on: model, data, sites, token count, dtype."""
     blocks = inputs.calibration_blocks

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from mambaspin import configtools
 from mambaspin.errors import NotSupportedError, UserError
+from mambaspin.gptq import collect_hessians, gptq_quantize
 from mambaspin.export import ONLINE_SITES, pack_codes, quantization_config, write_quantized
 from mambaspin.loading import load_model, resolve_model_dir, save_model
 from mambaspin.model import MambaLM
@@ -29,7 +30,8 @@ from rotations.klt import RotationSet
 from .checkpoints import read_metadata, resolve_checkpoint
 from .config import DTYPES, RunConfig
 from .loop import identity_fingerprint
-from .qat_model import build_qat_model, make_act_scales_learnable
+from .inputs import load_calibration_blocks
+from .qat_model import build_qat_model, make_act_scales_learnable, qat_linears
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,11 @@ def load_trained(run_dir: str | Path, checkpoint: str = "latest"):
         state = load_file(str(path / "model.safetensors"))
     except Exception as error:  # safetensors raises its own error type on truncated files
         raise UserError(f"cannot read {path / 'model.safetensors'}: {error}") from error
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # missing, unexpected or misshapen tensors
+        raise UserError(f"checkpoint {path} does not match the model its run config builds: "
+                        f"{' '.join(str(error).split())}") from error
     tokenizer = load_tokenizer(config.model.tokenizer or model_dir)
     return config, model.eval(), tokenizer, path
 
@@ -81,8 +87,12 @@ def _point_quantizer(module) -> ActFakeQuantizer | None:
 
 
 @torch.no_grad()
-def quantized_tensors(model, scheme) -> dict[str, torch.Tensor]:
-    """Every tensor of the quantized checkpoint, from a QAT model (see mambaspin.export)."""
+def quantized_tensors(model, scheme, hessians: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the quantized checkpoint, from a QAT model (see mambaspin.export).
+
+    hessians: {QATLinear module: HessianAccumulator} to quantize those weights with GPTQ
+    instead of round-to-nearest.
+    """
     params, tensors = model.rotations, {}
     embedding = model.backbone.embeddings.weight.float()
     r1 = params.get("R1", None)
@@ -96,7 +106,8 @@ def quantized_tensors(model, scheme) -> dict[str, torch.Tensor]:
         tensors[f"{prefix}.mixer.A_log"] = mixer.A_log.float()
         tensors[f"{prefix}.mixer.D"] = mixer.D.float()
         for name in LINEARS:
-            tensors.update(_linear_tensors(getattr(mixer, name), f"{prefix}.mixer.{name}"))
+            linear = getattr(mixer, name)
+            tensors.update(_linear_tensors(linear, f"{prefix}.mixer.{name}", (hessians or {}).get(linear)))
         for site in ONLINE_SITES:
             value = params.smooth(layer) if site == "smooth" else params.get(site, layer)
             if value is not None:
@@ -105,19 +116,23 @@ def quantized_tensors(model, scheme) -> dict[str, torch.Tensor]:
         for point in points:
             tensors.update(_act_tensors(_point_quantizer(mixer.points[point]), f"{prefix}.mixer.act.{point}"))
     tensors["backbone.norm_f.weight"] = model.backbone.norm_f.weight.float()
-    tensors.update(_linear_tensors(model.lm_head, "lm_head"))
+    tensors.update(_linear_tensors(model.lm_head, "lm_head", (hessians or {}).get(model.lm_head)))
     if scheme.lm_head:
         tensors.update(_act_tensors(_point_quantizer(model.points["lm_head_input"]), "act.lm_head_input"))
     return tensors
 
 
-def _linear_tensors(linear, prefix: str) -> dict:
+def _linear_tensors(linear, prefix: str, hessian=None) -> dict:
     weight, bias = linear.effective_weight()
     out = {} if bias is None else {f"{prefix}.bias": bias.float()}
     if not linear.use_quant:
         return out | {f"{prefix}.weight": weight.float()}
     quantizer = linear.quantizer
-    codes, scale, zero = quantize_weight(weight.float(), quantizer.cfg, quantizer.effective_clip())
+    if hessian is None:
+        codes, scale, zero = quantize_weight(weight.float(), quantizer.cfg, quantizer.effective_clip())
+    else:
+        codes, scale, zero = gptq_quantize(weight.float(), hessian.hessian(), quantizer.cfg, quantizer.effective_clip())
+        scale = scale.float()
     out |= {f"{prefix}.qweight": pack_codes(codes, quantizer.cfg.bits), f"{prefix}.scale": scale}
     return out if zero is None else out | {f"{prefix}.zero": zero}
 
@@ -173,8 +188,13 @@ def merge_readme(config: RunConfig, checkpoint: Path, fmt: str) -> str:
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", fmt: str = "mambaspin",
-          overwrite: bool = False) -> dict:
-    """Write the merged checkpoint of `run_dir` into `out_dir`; returns a summary."""
+          overwrite: bool = False, gptq: bool = False) -> dict:
+    """Write the merged checkpoint of `run_dir` into `out_dir`; returns a summary.
+
+    With `gptq`, weights are quantized by GPTQ on the run's calibration blocks (Hessians of every
+    linear's inputs collected in one pass of the trained model) instead of round-to-nearest with
+    the trained clipping, so the result no longer reproduces the training-time logits exactly.
+    """
     if fmt not in ("mambaspin", "hf"):
         raise UserError(f"--format {fmt!r} is invalid: expected mambaspin or hf")
     config, model, tokenizer, path = load_trained(run_dir, checkpoint)
@@ -185,12 +205,21 @@ def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", 
                                     "has no place for online rotations; use --format mambaspin, or train with only R1 and R5")
         if Path(out_dir).exists() and not overwrite:
             raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it or choose another --out")
-        save_model(float_export_model(model), out_dir, tokenizer, {"README.md": merge_readme(config, path, fmt)})
+        try:
+            save_model(float_export_model(model), out_dir, tokenizer, {"README.md": merge_readme(config, path, fmt)})
+        except OSError as error:
+            raise UserError(f"cannot write {out_dir}: {error.strerror}. Choose a writable --out.") from error
     else:
         scheme = config.quant.scheme()
         online = {site: site in config.rotation.applied for site in ("R2", "R3", "R4", "R6")}
-        qconfig = quantization_config(scheme, online, config.rotation.smooth.apply)
-        write_quantized(out_dir, model.config, quantized_tensors(model, scheme), qconfig, tokenizer,
+        qconfig = quantization_config(scheme, online, config.rotation.smooth.apply) | {"gptq": gptq}
+        hessians = None
+        if gptq and scheme.weight is not None:
+            linears = {module: module for module in qat_linears(model) if module.use_quant}
+            blocks = load_calibration_blocks(config, tokenizer)
+            collected = collect_hessians(model, {str(i): m for i, m in enumerate(linears)}, blocks)
+            hessians = {module: collected[str(i)] for i, module in enumerate(linears)}
+        write_quantized(out_dir, model.config, quantized_tensors(model, scheme, hessians), qconfig, tokenizer,
                         merge_readme(config, path, fmt), overwrite)
     logger.info("merged %s into %s (%s format)", path, out_dir, fmt)
     return {"checkpoint": str(path), "out": str(out_dir), "format": fmt}
