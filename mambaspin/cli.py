@@ -1,6 +1,7 @@
 """Command-line entry point `mambaspin`: parses arguments and calls the library.
 
-User errors (`UserError`) print one line and exit with status 2, without a traceback.
+User errors (`UserError`) print one line and exit with status 2, without a traceback; a training
+run stopped by a NaN or infinite loss (`FloatingPointError`) does the same with status 3.
 Every subcommand takes `--json PATH` and writes its results there too.
 """
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"mambaspin {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # training stopped on a NaN or infinite loss
+        print(f"mambaspin {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -31,15 +31,17 @@ PRESETS = ("W8A8", "W4A8", "W4A4")
 ABLATION_INITS = ("hadamard", "klt", "klt_hadamard")
 
 
-def ptq_loss(config: RunConfig, inputs: RunInputs, calibration, scheme: QuantScheme | None, sites, init) -> float:
-    """Validation loss per token of the float model rotated at `sites` and quantized by `scheme`."""
+def ptq_loss(config: RunConfig, inputs: RunInputs, calibration, scheme: QuantScheme | None, sites, init,
+             gptq: bool = False) -> float:
+    """Validation loss per token of the float model rotated at `sites` and quantized by `scheme`
+    (round-to-nearest weights, or GPTQ with `gptq`)."""
     model = copy.deepcopy(inputs.model)
     if sites:
         rotation = config.rotation.with_sites(tuple(sites), init)
         apply_rotations(model, build_rotations(rotation, model, calibration))
     if scheme is not None:
         act_blocks = inputs.calibration_blocks[: max(1, min(16, inputs.calibration_blocks.shape[0]))]
-        quantize_model_ptq(model, scheme, act_blocks, progress=False)
+        quantize_model_ptq(model, scheme, act_blocks, progress=False, gptq=gptq)
     result = evaluate_text(model, inputs.tokenizer, inputs.validation_text, config.data.block_size, progress=False)
     return result.loss_per_token
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ def _log_metrics(accelerator, model, state, optimizers, grad_norm, parts, starte
                "tokens_per_second": state.tokens / max(1e-9, time.time() - started), "peak_memory_mb": peak_memory_mb(device)}
     accelerator.log(metrics, step=state.step)
     logger.info("step %d: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    return metrics
+    return {"step": state.step, **metrics}
 
 
 def _make_accelerator(config: RunConfig) -> Accelerator:
@@ -237,6 +238,10 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
                "orthogonality_error": accelerator.unwrap_model(model).rotations.max_orthogonality_error()}
     if accelerator.is_main_process:
         write_json_atomic(Path(config.output_dir) / "results.json", results)
+    # Debugging aid: with MAMBASPIN_DUMP_TRAINABLES=DIR set, every process writes its trainable
+    # parameters to DIR/rank_{process_index}.safetensors, so that replicas can be compared.
+    if os.environ.get("MAMBASPIN_DUMP_TRAINABLES"):
+        _dump_trainables(accelerator, model, Path(os.environ["MAMBASPIN_DUMP_TRAINABLES"]))
     accelerator.end_training()
     return results
 
@@ -253,8 +258,11 @@ def _run_steps(config, accelerator, model, optimizers, schedulers, loader, state
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss, parts = qat_loss(model, batch, config.train.distill_weight, config.train.distill_temperature)
-                if not torch.isfinite(loss):
-                    _stop_on_nan(config, state, loss)
+                # Averaged over processes, so the log shows the global batch's loss and every process
+                # sees the same NaN and stops, instead of one process waiting in backward's all-reduce.
+                mean_loss, parts = _mean_over_processes(accelerator, loss, parts)
+                if not torch.isfinite(mean_loss):
+                    _stop_on_nan(config, state, mean_loss)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(trainable, config.train.grad_clip) if accelerator.sync_gradients else 0.0
                 for optimizer in optimizers:
@@ -264,7 +272,7 @@ def _run_steps(config, accelerator, model, optimizers, schedulers, loader, state
         for scheduler in schedulers:
             scheduler.step()
         state.step += 1
-        state.last_loss = loss.item()
+        state.last_loss = mean_loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{state.last_loss:.4f}")
         check_finite(accelerator.unwrap_model(model))
@@ -279,6 +287,23 @@ def _run_steps(config, accelerator, model, optimizers, schedulers, loader, state
             save_checkpoint(accelerator, config.output_dir, state.step, metadata, config.keep_checkpoints or 1)
     bar.close()
     return history
+
+
+def _mean_over_processes(accelerator, loss: torch.Tensor, parts: dict) -> tuple[torch.Tensor, dict]:
+    """Average the loss and its logged parts over all processes (one all-reduce)."""
+    values = torch.tensor([loss.item(), *parts.values()], dtype=torch.float32, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    return values[0], dict(zip(parts, values[1:].tolist()))
+
+
+def _dump_trainables(accelerator, model, directory: Path) -> None:
+    """Write this process's trainable parameters to DIRECTORY/rank_{process_index}.safetensors."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: parameter.detach().cpu().contiguous()
+               for name, parameter in accelerator.unwrap_model(model).named_parameters() if parameter.requires_grad}
+    save_file(tensors, str(directory / f"rank_{accelerator.process_index}.safetensors"))
 
 
 def _stop_on_nan(config: RunConfig, state: TrainState, loss: torch.Tensor) -> None:
