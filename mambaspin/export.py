@@ -175,7 +175,7 @@ def _act_point_names(model: MambaLM, scheme: QuantScheme) -> list[str]:
 
 
 def _read_quantized_config(directory: Path) -> dict:
-    """Read config.json of a quantized checkpoint; raise UserError unless it has a quantization_config."""
+    """Read config.json of a quantized checkpoint, raising UserError unless it has a quantization_config."""
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise UserError(f"{directory} is not a quantized checkpoint: config.json is missing. "

@@ -79,7 +79,7 @@ def workspace(tmp_path_factory) -> dict:
 
 
 def train_run(model_dir: Path, text_file: Path, output_dir: Path, *overrides) -> Path:
-    """Train the default config shrunk to the tiny checkpoint for 2 steps; returns the run directory."""
+    """Train the default config, shrunk to the tiny checkpoint, for 2 steps and return the run directory."""
     config = load_run_config(DEFAULT_CONFIG, [
         f"model.path={model_dir}",
         f"data.text={text_file}",
@@ -102,7 +102,7 @@ def train_run(model_dir: Path, text_file: Path, output_dir: Path, *overrides) ->
 
 @pytest.fixture(scope="module")
 def trained(workspace):
-    """Train (once per module and override set) a run of the workspace model; returns its directory."""
+    """Return a function that trains a run once per override set and returns its directory."""
     runs: dict[tuple, Path] = {}
 
     def get(*overrides) -> Path:
@@ -116,7 +116,7 @@ def trained(workspace):
 
 @pytest.fixture(scope="module")
 def merged(workspace, trained):
-    """Merge (once per override set) a trained run into the mambaspin format; returns (run, merged dir)."""
+    """Return a function that merges a trained run once per override set and returns (run dir, merged dir)."""
     outputs: dict[tuple, Path] = {}
 
     def get(*overrides) -> tuple[Path, Path]:
@@ -152,7 +152,7 @@ def validation_loss(model, workspace) -> float:
 
 
 def loaded_message(directory: Path) -> str:
-    """Return the UserError message of load_quantized(directory); fails when it does not raise."""
+    """Return the UserError message of load_quantized(directory), failing the test when it does not raise."""
     with pytest.raises(UserError) as caught:
         load_quantized(directory)
     return str(caught.value)

@@ -35,13 +35,13 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_checkpoint(output_dir: str | Path, name: str) -> Path:
-    """Resolve `latest`, `step_N` or a path to a complete checkpoint directory."""
+def resolve_checkpoint(output_dir: str | Path, name: str, hint: str = "start without --resume_from_checkpoint") -> Path:
+    """Resolve `latest`, `step_N` or a path to a complete checkpoint directory; `hint` ends the
+    error message when there is none."""
     if name == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
-            raise UserError(f"no complete checkpoint under {checkpoint_root(output_dir)} to resume from; "
-                            "start without --resume_from_checkpoint")
+            raise UserError(f"no complete checkpoint under {checkpoint_root(output_dir)}; {hint}")
         return found[-1]
     path = Path(name)
     if not path.is_dir():

@@ -53,7 +53,7 @@ def placeholder_rotations(config: RunConfig, model_config) -> RotationSet:
 
 def load_trained(run_dir: str | Path, checkpoint: str = "latest"):
     """Rebuild the QAT model of a run at a checkpoint. Returns (config, model, tokenizer, path)."""
-    path = resolve_checkpoint(run_dir, checkpoint)
+    path = resolve_checkpoint(run_dir, checkpoint, hint="pass the output_dir of a training run to --run")
     metadata = read_metadata(path)
     config = configtools.build(RunConfig, metadata["config"])
     model_dir = resolve_model_dir(config.model.path)

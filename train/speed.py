@@ -1,0 +1,102 @@
+"""Speed and memory benchmarks that need the run config or the training stack.
+
+Every figure comes with the baseline it is divided by, measured in the same process:
+- Cayley step: one geoopt RiemannianSGD step on a d x d Stiefel parameter, against one d x d
+  matrix product (the cost unit of a rotation applied to a weight);
+- calibration memory: peak resident memory of a calibration subprocess per number of calibration
+  tokens, against the smallest count (flat means O(d²) memory);
+- inference: tokens per second of the rotated, quantized model (online rotations and fake
+  quantizers, the modules `load_quantized` builds) against the float model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import geoopt
+import torch
+
+from mambaspin.quant_model import quantize_model_ptq
+from rotations.fold import apply_rotations
+from rotations.klt import build_rotations
+
+from .config import RunConfig
+from .inputs import load_inputs, load_or_run_calibration
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cayley_benchmark(sizes=(768, 1536, 2560), repeats: int = 3) -> list[dict]:
+    """Seconds of one Cayley SGD step against one d x d float32 matrix product, per size d."""
+    rows = []
+    for size in sizes:
+        generator = torch.Generator().manual_seed(size)
+        start = torch.linalg.qr(torch.randn(size, size, generator=generator))[0]
+        parameter = geoopt.ManifoldParameter(start, manifold=geoopt.Stiefel(canonical=True))
+        optimizer = geoopt.optim.RiemannianSGD([parameter], lr=1e-3, momentum=0.9)
+        gradient = torch.randn(size, size, generator=generator)
+
+        def step():
+            parameter.grad = gradient.clone()
+            optimizer.step()
+
+        other = torch.randn(size, size, generator=generator)
+        step_seconds = _median_seconds(step, repeats)
+        matmul_seconds = _median_seconds(lambda: start @ other, repeats)
+        rows.append({"d": size, "cayley_step_seconds": step_seconds, "matmul_seconds": matmul_seconds,
+                     "ratio_to_matmul": step_seconds / matmul_seconds})
+    return rows
+
+
+CALIBRATION_PROBE = """
+import json, resource, sys
+from train.config import load_run_config
+from train.inputs import load_inputs, run_calibration
+config = load_run_config(sys.argv[1], sys.argv[2:])
+inputs = load_inputs(config)
+calibration = run_calibration(config, inputs, ("R1", "R2", "R5", "R6"), progress=False)
+print(json.dumps({"tokens": calibration.key["tokens"], "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def calibration_memory_benchmark(config_path: str, overrides: list[str], block_counts=(8, 32, 128)) -> list[dict]:
+    """Peak memory of calibration (sites R1, R2, R5, R6) per calibration size, each in a fresh process."""
+    rows = []
+    for blocks in block_counts:
+        command = [sys.executable, "-c", CALIBRATION_PROBE, config_path, *overrides, f"calibration.n_blocks={blocks}"]
+        completed = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    base = rows[0]["max_rss_mb"]
+    for row in rows:
+        row["ratio_to_smallest"] = row["max_rss_mb"] / base
+    return rows
+
+
+@torch.no_grad()
+def inference_benchmark(config: RunConfig, batch_size: int = 8, repeats: int = 3) -> dict:
+    """Tokens per second of the float model and of the rotated W-A quantized model (forward only)."""
+    inputs = load_inputs(config)
+    calibration = load_or_run_calibration(config, inputs, config.rotation.needs_statistics(), progress=False)
+    quantized = copy.deepcopy(inputs.model)
+    apply_rotations(quantized, build_rotations(config.rotation, quantized, calibration))
+    quantize_model_ptq(quantized, config.quant.scheme(), inputs.calibration_blocks[:4], progress=False)
+    batch = inputs.train_blocks[:batch_size, :-1]
+    float_seconds = _median_seconds(lambda: inputs.model(batch), repeats)
+    quantized_seconds = _median_seconds(lambda: quantized(batch), repeats)
+    tokens = batch.numel()
+    return {"tokens": tokens, "float_tokens_per_second": tokens / float_seconds,
+            "quantized_tokens_per_second": tokens / quantized_seconds,
+            "quantized_over_float": float_seconds / quantized_seconds}
