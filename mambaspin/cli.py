@@ -1,7 +1,7 @@
 """Command-line entry point `mambaspin`: parses arguments and calls the library.
 
-User errors (`UserError`) print one line and exit with status 2, without a traceback; a training
-run stopped by a NaN or infinite loss (`FloatingPointError`) does the same with status 3.
+User errors (`UserError`) print one line and exit with status 2, without a traceback. A training
+run stopped by a NaN or infinite loss (`FloatingPointError`) prints one line too and exits with status 3.
 Every subcommand takes `--json PATH` and writes its results there too.
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,22 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 and 1e30 as floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot, so it reads `lr_lora=1e-4` as the string
+    '1e-4'. YAML 1.2 and Python read it as a number, and so does this loader.
+    """
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _load_yaml_text(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def _nested_type(cls, field: dataclasses.Field):
@@ -71,7 +88,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise UserError(f"override {text!r} is invalid: expected key=value, e.g. train.max_steps=100")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    try:
+        return key.strip().split("."), _load_yaml_text(value) if value.strip() else ""
+    except yaml.YAMLError as error:
+        message = " ".join(str(error).split())
+        raise UserError(f"override {text!r} has an invalid YAML value: {message}") from error
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -94,7 +115,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}. Pass --config with an existing YAML file (see configs/).")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _load_yaml_text(path.read_text())
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {error}") from error
     if raw is not None and not isinstance(raw, dict):

@@ -90,7 +90,7 @@ def pack_blocks(ids: torch.Tensor, block_size: int, source: str) -> torch.Tensor
     if n_blocks < 1:
         raise UserError(
             f"text from {source} has {ids.numel()} tokens, fewer than one block of {block_size} + 1. "
-            "Use a longer text or a smaller block size (--block-size)."
+            "Use a longer text or a smaller block size (--block-size in eval, data.block_size in a run config)."
         )
     starts = torch.arange(n_blocks) * block_size  # (n_blocks,)
     offsets = torch.arange(block_size + 1)  # (block_size + 1,)

@@ -44,7 +44,7 @@ class PretrainConfig:
     weight_decay: float = 0.1
     dropout: float = 0.1
     warmup_steps: int = 100
-    max_epochs: int = 40
+    max_epochs: int = 14
     patience: int = 3
     seed: int = 0
     threads: int = 0

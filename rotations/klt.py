@@ -9,6 +9,7 @@ every entry of H is ±1/sqrt(n): every channel gets the same variance.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from mambaspin.errors import UserError
 
 from .config import KLT_INITS, SITES, RotationConfig, site_size
 from .hadamard import random_hadamard, random_orthogonal, hadamard_matrix
+
+logger = logging.getLogger(__name__)
 
 LAYER_SITES = ("R2", "R3", "R4", "R5", "R6")
 
@@ -126,6 +129,7 @@ def build_rotations(config: RotationConfig, model, calibration=None) -> Rotation
         raise UserError(f"sites {config.needs_statistics()} need a calibration; run `mambaspin calibrate` first")
     if config.smooth.apply:
         rotations.smooth_scales = smooth_scales(model, calibration, config.smooth.alpha)
+    rank_deficient = []
     for site in config.applied:
         options = config.sites[site]
         size = site_size(site, model_config)
@@ -133,6 +137,10 @@ def build_rotations(config: RotationConfig, model, calibration=None) -> Rotation
             covariance = None
             if options.init in KLT_INITS:
                 covariance = _site_covariance(site, layer, config, calibration, rotations.smooth_scales)
+                accumulator = calibration.accumulator(site, layer)
+                if accumulator.count < accumulator.dim:
+                    where = site if layer is None else f"{site} layer {layer}"
+                    rank_deficient.append(f"{where} ({accumulator.count} samples, dim {accumulator.dim})")
             seed = options.seed if layer is None else options.seed * 1000 + layer
             try:
                 matrix = init_matrix(options.init, size, seed, options.random_signs, covariance)
@@ -142,6 +150,13 @@ def build_rotations(config: RotationConfig, model, calibration=None) -> Rotation
                 rotations.global_matrices[site] = matrix
             else:
                 rotations.layer_matrices[layer][site] = matrix
+    if rank_deficient:
+        listed = ", ".join(rank_deficient[:8])
+        if len(rank_deficient) > 8:
+            listed += f" and {len(rank_deficient) - 8} more"
+        logger.warning("calibration has fewer samples than channels at %s. These covariances are rank-deficient, so "
+                       "their KLT directions in the null space are not fitted to the data. Raise calibration.n_blocks "
+                       "or data.block_size.", listed)
     return rotations
 
 

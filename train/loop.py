@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import resource
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
@@ -39,6 +41,10 @@ from .qat_model import (act_quantizers, build_qat_model, check_finite, float_mod
                         trainable_groups)
 
 logger = logging.getLogger(__name__)
+
+
+ORTHOGONALITY_LIMIT = 1e-3
+"""Largest max |RᵀR − I| a checkpoint may be saved with; more means the optimizer diverged."""
 
 
 @dataclass
@@ -204,8 +210,30 @@ def _make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
+def _load_checkpoint(accelerator, path: Path) -> None:
+    """Load accelerate state from `path`, raising UserError when a file is truncated, missing or foreign."""
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, EOFError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise UserError(f"checkpoint {path} could not be loaded ({type(error).__name__}: {detail}). It may be truncated "
+                        "or written by another program; resume from an earlier checkpoint with "
+                        "--resume_from_checkpoint step_N, or start a new output_dir") from error
+
+
+def _make_output_dir(path: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"output_dir {path} cannot be created ({error.strerror}: {error.filename}); "
+                        "set output_dir to a writable directory") from error
+    if not os.access(path, os.W_OK):
+        raise UserError(f"output_dir {path} is not writable; set output_dir to a writable directory")
+
+
 def train(config: RunConfig, resume_from: str | None = None, progress: bool = True) -> dict:
-    """Run QAT as `config` says; write checkpoints and RUN/results.json. Returns the results."""
+    """Run QAT with `config`, writing checkpoints and RUN/results.json. Returns the results."""
+    _make_output_dir(config.output_dir)
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
     inputs = load_inputs(config)
@@ -220,11 +248,11 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     model, rotation_opt, euclidean_opt, loader, *schedulers = accelerator.prepare(
         model, rotation_opt, euclidean_opt, loader, *schedulers)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     if resume_from:
         path = resolve_checkpoint(config.output_dir, resume_from)
         _check_resume(path, fingerprint)
-        accelerator.load_state(str(path))
+        _load_checkpoint(accelerator, path)
+        state.load_state_dict(read_metadata(path)["state"])
         loader = accelerator.skip_first_batches(loader, state.step * config.train.grad_accum)
         logger.info("resumed from %s at step %d", path, state.step)
 
@@ -232,7 +260,7 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     history = _run_steps(config, accelerator, model, (rotation_opt, euclidean_opt), schedulers, loader, state,
                          inputs, metadata, progress)
     if config.save_every == 0 or state.step % config.save_every:
-        save_checkpoint(accelerator, config.output_dir, state.step, metadata, config.keep_checkpoints or 1)
+        _save(config, accelerator, model, state, metadata)
     results = {**baselines, "trained": _validation_loss(config, accelerator.unwrap_model(model), inputs),
                "steps": state.step, "tokens": state.tokens, "history": history,
                "orthogonality_error": accelerator.unwrap_model(model).rotations.max_orthogonality_error()}
@@ -258,8 +286,8 @@ def _run_steps(config, accelerator, model, optimizers, schedulers, loader, state
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss, parts = qat_loss(model, batch, config.train.distill_weight, config.train.distill_temperature)
-                # Averaged over processes, so the log shows the global batch's loss and every process
-                # sees the same NaN and stops, instead of one process waiting in backward's all-reduce.
+                # Averaged over processes, so the log shows the global batch's loss, and a NaN on one
+                # process stops all of them instead of leaving the others waiting in backward's all-reduce.
                 mean_loss, parts = _mean_over_processes(accelerator, loss, parts)
                 if not torch.isfinite(mean_loss):
                     _stop_on_nan(config, state, mean_loss)
@@ -284,9 +312,23 @@ def _run_steps(config, accelerator, model, optimizers, schedulers, loader, state
             logger.info("step %d: validation loss %.4f", state.step, validation)
             history.append({"step": state.step, "validation_loss": validation})
         if config.save_every and state.step % config.save_every == 0:
-            save_checkpoint(accelerator, config.output_dir, state.step, metadata, config.keep_checkpoints or 1)
+            _save(config, accelerator, model, state, metadata)
     bar.close()
     return history
+
+
+def _save(config: RunConfig, accelerator, model, state: TrainState, metadata: dict) -> None:
+    """Save a checkpoint unless the rotations have left the Stiefel manifold.
+
+    The loop state goes into checkpoint.json, not into a pickle, so resuming unpickles nothing
+    of ours.
+    """
+    error = accelerator.unwrap_model(model).rotations.max_orthogonality_error()
+    if error > ORTHOGONALITY_LIMIT:
+        _stop_on_nan(config, state, torch.tensor(float("nan")),
+                     reason=f"the rotations left the Stiefel manifold (max |RᵀR − I| = {error:.3e})", step=state.step)
+    save_checkpoint(accelerator, config.output_dir, state.step, {**metadata, "state": state.state_dict()},
+                    config.keep_checkpoints or 1)
 
 
 def _mean_over_processes(accelerator, loss: torch.Tensor, parts: dict) -> tuple[torch.Tensor, dict]:
@@ -306,10 +348,14 @@ def _dump_trainables(accelerator, model, directory: Path) -> None:
     save_file(tensors, str(directory / f"rank_{accelerator.process_index}.safetensors"))
 
 
-def _stop_on_nan(config: RunConfig, state: TrainState, loss: torch.Tensor) -> None:
+def _stop_on_nan(config: RunConfig, state: TrainState, loss: torch.Tensor, reason: str | None = None,
+                 step: int | None = None) -> None:
+    """Raise FloatingPointError naming the step and the last good checkpoint; nothing is saved."""
     from .checkpoints import complete_checkpoints
 
     found = complete_checkpoints(config.output_dir)
     last = str(found[-1]) if found else "none"
-    raise FloatingPointError(f"loss became {float(loss.detach())} at step {state.step + 1}; no checkpoint was written for it. "
+    reason = reason or f"loss became {float(loss.detach())}"
+    step = state.step + 1 if step is None else step
+    raise FloatingPointError(f"{reason} at step {step}; no checkpoint was written for it. "
                              f"Last good checkpoint: {last}. Lower the learning rates and resume from it.")
