@@ -168,6 +168,8 @@ def _prepare_model(config: RunConfig, accelerator, inputs) -> dict:
     if config.train.learnable_act_scales:
         make_act_scales_learnable(inputs.model)
     baselines["klt_ptq"] = _validation_loss(config, inputs.model, inputs)
+    logger.info("validation loss before training: float %.4f, round-to-nearest %.4f, rotations at init %.4f",
+                baselines["float"], baselines["rtn"], baselines["klt_ptq"])
     return baselines
 
 
