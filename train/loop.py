@@ -235,6 +235,7 @@ def _make_output_dir(path: str) -> None:
 
 def train(config: RunConfig, resume_from: str | None = None, progress: bool = True) -> dict:
     """Run QAT with `config`, writing checkpoints and RUN/results.json. Returns the results."""
+    started = time.time()
     _make_output_dir(config.output_dir)
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
@@ -264,6 +265,7 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     if config.save_every == 0 or state.step % config.save_every:
         _save(config, accelerator, model, state, metadata)
     results = {**baselines, "trained": _validation_loss(config, accelerator.unwrap_model(model), inputs),
+               "minutes": (time.time() - started) / 60,
                "steps": state.step, "tokens": state.tokens, "history": history,
                "orthogonality_error": accelerator.unwrap_model(model).rotations.max_orthogonality_error()}
     if accelerator.is_main_process:

@@ -1,0 +1,28 @@
+"""Build docs/results.md (and copy its plots into docs/) from the outputs of the benchmark runs.
+
+    python scripts/make_report.py [--runs runs] [--out docs]
+
+Reads, when present: RUNS/default/results.json and RUNS/w4a8/results.json (mambaspin train with
+configs/default.yaml and configs/w4a8.yaml), RUNS/default/ablation/ (mambaspin ablate),
+RUNS/bench/bench_quality/ (scripts/bench_quality.py), RUNS/bench_speed.json
+(scripts/bench_speed.py --json) and RUNS/ortho1000/results.json (a 1000-step run). A missing
+input is listed as not run.
+"""
+
+import argparse
+from pathlib import Path
+
+from train.report import build_results_page
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs", help="directory holding the benchmark outputs")
+    parser.add_argument("--out", default="docs", help="directory for results.md and its plots")
+    args = parser.parse_args()
+    page = build_results_page(Path(args.runs), Path(args.out))
+    print(f"wrote {page}")
+
+
+if __name__ == "__main__":
+    main()
