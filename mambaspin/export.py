@@ -59,9 +59,11 @@ def quantization_config(scheme: QuantScheme, online: dict, smooth: bool) -> dict
         "act": None if scheme.act is None else asdict(scheme.act),
         "lm_head": scheme.lm_head,
         "ssm_inputs": scheme.ssm_inputs,
+        "conv1d": scheme.conv1d,
         "online_sites": online,
         "smooth": smooth,
-        "float_tensors": ["embedding (R1 folded)", "conv1d", "A_log", "D", "dt_proj.bias", "norms"]
+        "float_tensors": ["embedding (R1 folded)", "conv1d (values on the quantization grid when conv1d is set)",
+                          "A_log", "D", "dt_proj.bias", "norms"]
         + ([] if scheme.lm_head else ["lm_head"]),
     }
 
@@ -114,6 +116,7 @@ def _scheme_from(qconfig: dict) -> QuantScheme:
         act=None if act is None else ActQuantConfig(**act),
         lm_head=bool(qconfig.get("lm_head")),
         ssm_inputs=bool(qconfig.get("ssm_inputs")),
+        conv1d=bool(qconfig.get("conv1d")),
     )
 
 

@@ -1,14 +1,16 @@
 """Attach fake quantization to a `MambaLM`: which linears and activations, and the presets.
 
-Weights: in_proj, x_proj, dt_proj and out_proj of every block (lm_head when `lm_head` is set).
+Weights: in_proj, x_proj, dt_proj and out_proj of every block (lm_head when `lm_head` is set,
+the depthwise conv1d kernels per channel when `conv1d` is set).
 Activations: the input of each of those linears, read at the named points in_proj_input,
 x_proj_input, dt_proj_input, out_proj_input (lm_head_input), after any online rotation there;
 with `ssm_inputs`, also the scan inputs ssm_u, ssm_delta, ssm_B and ssm_C.
-The embedding, conv1d, A_log, D and the norms stay in float.
+The embedding, A_log, D and the norms stay in float.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,7 @@ class QuantScheme:
     act: ActQuantConfig | None = None
     lm_head: bool = False
     ssm_inputs: bool = False
+    conv1d: bool = False
 
     @property
     def name(self) -> str:
@@ -73,6 +76,24 @@ def quantize_weights_rtn(model, scheme: QuantScheme) -> None:
     for name, linear in quantized_linears(model, scheme):
         scheme.weight.check_shape(linear.out_features, linear.in_features, name)
         linear.weight.copy_(fake_quantize_weight(linear.weight.float(), scheme.weight).to(linear.weight.dtype))
+    quantize_conv1d(model, scheme)
+
+
+@torch.no_grad()
+def quantize_conv1d(model, scheme: QuantScheme) -> None:
+    """Round-to-nearest the depthwise conv1d kernels (d_inner, 1, k) in place when `scheme.conv1d`.
+
+    Each channel's k taps form one row of the (d_inner, k) weight matrix. Always per channel: a
+    group size would have to divide k. The kernels stay frozen in QAT, so quantizing them once
+    is what training sees and what a merge ships.
+    """
+    if not scheme.conv1d or scheme.weight is None:
+        return
+    per_channel = dataclasses.replace(scheme.weight, granularity="per_channel", group_size=None, learnable_clip=False)
+    for mixer in model.mixers:
+        kernel = mixer.conv1d.weight  # (d_inner, 1, k)
+        rows = kernel.detach().float().reshape(kernel.shape[0], -1)  # (d_inner, k)
+        kernel.copy_(fake_quantize_weight(rows, per_channel).reshape(kernel.shape).to(kernel.dtype))
 
 
 def attach_act_quantizers(model, scheme: QuantScheme) -> list[ActFakeQuantizer]:

@@ -82,6 +82,7 @@ class QuantSection:
     act: ActQuantConfig | None = None
     lm_head: bool = False
     ssm_inputs: bool = False
+    conv1d: bool = False
 
     def __post_init__(self):
         if self.preset is not None:
@@ -94,6 +95,7 @@ class QuantSection:
             act=self.act or base.act,
             lm_head=self.lm_head,
             ssm_inputs=self.ssm_inputs,
+            conv1d=self.conv1d,
         )
 
 

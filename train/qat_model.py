@@ -17,7 +17,7 @@ from torch import nn
 from lora.adapters import LoraSettings, add_lora, base_linear, lora_factors, merged_weight
 from mambaspin.qat import QATLinear
 from mambaspin.quant import ActFakeQuantizer, WeightFakeQuantizer
-from mambaspin.quant_model import LINEARS, QuantScheme, attach_act_quantizers
+from mambaspin.quant_model import LINEARS, QuantScheme, attach_act_quantizers, quantize_conv1d
 from rotations.config import RotationConfig
 from rotations.klt import RotationSet
 from rotations.trainable import RotationParams, WeightRotation, attach_online_rotations, fold_norms
@@ -36,10 +36,14 @@ def build_qat_model(model, rotations: RotationSet, rotation_config: RotationConf
                     lora: LoraSettings | None) -> RotationParams:
     """Turn a float `MambaLM` into the QAT model in place; returns its rotation parameters.
 
-    Steps: fold norms (exact), inject LoRA, register the rotations as `model.rotations`, wrap the
-    linears, attach online rotations, then activation quantizers after them.
+    Steps: fold norms (exact), quantize the conv1d kernels when the scheme says so, inject LoRA,
+    register the rotations as `model.rotations`, wrap the linears, attach online rotations, then
+    activation quantizers after them.
     """
     fold_norms(model)
+    # NOTE: conv1d kernels are frozen, so they are quantized once in place, and the distillation
+    # teacher (float_mode) then also runs with the quantized kernels.
+    quantize_conv1d(model, scheme)
     if lora is not None:
         add_lora(model, lora)
     for parameter in model.parameters():
