@@ -23,18 +23,39 @@ import torch.nn.functional as F
 from einops import einsum
 from torch import nn
 
+from .hadamard import fast_hadamard_transform, hadamard_matrix, is_hadamard_size
 from .klt import RotationSet
 
 
+def hadamard_signs(rotation: torch.Tensor) -> torch.Tensor | None:
+    """Return s when rotation = diag(s)·H with H = hadamard_matrix(n) and s in {±1}ⁿ, else None."""
+    size = rotation.shape[0]
+    if not is_hadamard_size(size):
+        return None
+    candidate = rotation.double() @ hadamard_matrix(size).T  # diag(s) when rotation = diag(s)·H
+    signs = torch.diagonal(candidate).round()
+    if not bool((signs.abs() == 1).all()) or not torch.allclose(candidate, torch.diag(signs), atol=1e-6):
+        return None
+    return signs
+
+
 class OnlineRotation(nn.Module):
-    """x → x·R along the last axis, computed in float32 (float64 for float64 inputs)."""
+    """x → x·R along the last axis, computed in float32 (float64 for float64 inputs).
+
+    When R is a (signed) Hadamard matrix diag(s)·H, the product runs as the fast Walsh-Hadamard
+    transform of x·diag(s), in O(n log n) instead of O(n²) per token.
+    """
 
     def __init__(self, rotation: torch.Tensor):
         super().__init__()
         self.register_buffer("rotation", rotation.detach().float().clone())
+        signs = hadamard_signs(rotation)
+        self.register_buffer("signs", None if signs is None else signs.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self.signs is not None:
+            return fast_hadamard_transform(x.to(compute) * self.signs.to(compute)).to(x.dtype)
         return (x.to(compute) @ self.rotation.to(compute)).to(x.dtype)
 
 
