@@ -96,7 +96,7 @@ def _training_section(runs: Path) -> list[str]:
               "`mambaspin train` and `mambaspin train --config configs/w4a8.yaml`.", ""]
     ortho = _read_json(runs / "ortho1000" / "results.json")
     if ortho is not None:
-        lines += [f"After {ortho['steps']} steps (batch 2), max |RᵀR − I| over all rotations: "
+        lines += [f"After {ortho['steps']} steps (batch 1 x 128 tokens), max |RᵀR − I| over all rotations: "
                   f"{ortho['orthogonality_error']:.2e} (float32 rotations, re-projected every 10 steps).", ""]
     return lines
 
@@ -159,8 +159,8 @@ def build_results_page(runs: Path, out: Path) -> Path:
     ablation = runs / "default" / "ablation"
     lines += ["## Post-training ablation per site and init", ""]
     if (ablation / "ablation.md").is_file():
-        lines += ["`mambaspin ablate data.max_eval_tokens=20000`: round-to-nearest weights, calibrated activation "
-                  "scales, no training; loss on the first 20,000 validation tokens.", "",
+        lines += ["`mambaspin ablate data.max_eval_tokens=10000`: round-to-nearest weights, calibrated activation "
+                  "scales, no training; loss on the first 10,000 validation tokens.", "",
                   (ablation / "ablation.md").read_text(), ""]
         plot = _copy(ablation / "channel_ranges.png", out)
         if plot:
@@ -170,7 +170,7 @@ def build_results_page(runs: Path, out: Path) -> Path:
     quality = runs / "bench" / "bench_quality"
     lines += ["## Methods compared", ""]
     if (quality / "quality.md").is_file():
-        lines += ["`python scripts/bench_quality.py output_dir=runs/bench max_steps=150`.", "",
+        lines += ["`python scripts/bench_quality.py output_dir=runs/bench max_steps=100 data.max_eval_tokens=10000`: loss on the first 10,000 validation tokens, trained rows with 100 steps of 8 x 256 tokens.", "",
                   (quality / "quality.md").read_text(), ""]
         chart = _copy(quality / "quality.png", out)
         if chart:
