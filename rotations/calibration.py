@@ -221,14 +221,23 @@ class Calibration:
         path = Path(directory) / "calibration.safetensors"
         if not path.is_file():
             raise UserError(f"no calibration found at {path}; run `mambaspin calibrate` first")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            key = json.loads(handle.metadata()["key"])
+        key = read_key(directory)
         check_key(key, expected_key or {}, path)
         tensors = load_file(str(path))
         names = sorted({name.rsplit(".", 1)[0] for name in tensors})
         return cls({name: CovarianceAccumulator.from_state(tensors, name) for name in names}, key)
+
+
+def read_key(directory: str | Path) -> dict:
+    """The key (model, data, sites, tokens, dtype) a saved calibration was made with."""
+    from safetensors import safe_open
+
+    path = Path(directory) / "calibration.safetensors"
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return json.loads(handle.metadata()["key"])
+    except Exception as error:  # safetensors raises its own error type for damaged files
+        raise UserError(f"cannot read the calibration key of {path}: {error}. Rerun `mambaspin calibrate`.") from error
 
 
 def check_key(saved: dict, expected: dict, path) -> None:

@@ -11,7 +11,7 @@ from mambaspin.data import calibration_blocks, load_text_splits, pack_blocks
 from mambaspin.evaluate import check_vocab_fits
 from mambaspin.loading import load_model, resolve_model_dir
 from mambaspin.tokenizer import load_tokenizer
-from rotations.calibration import Calibration, collect_statistics, data_fingerprint, model_fingerprint
+from rotations.calibration import Calibration, collect_statistics, data_fingerprint, model_fingerprint, read_key
 
 from .config import DTYPES, RunConfig
 
@@ -82,7 +82,15 @@ def load_or_run_calibration(config: RunConfig, inputs: RunInputs, sites, progres
     directory = config.calibration_dir
     expected = calibration_key(config, inputs, sites)
     if (directory / "calibration.safetensors").is_file():
-        return Calibration.load(directory, expected)
+        saved = read_key(directory)
+        same_source = all(saved.get(name) == value for name, value in expected.items() if name != "sites")
+        if not same_source or set(sites) <= set(saved.get("sites", [])):
+            return Calibration.load(directory, expected)
+
+        # Same model and data, but sites are missing: collect all of them anew (nothing is reused).
+        sites = sorted(set(sites) | set(saved.get("sites", [])))
+        logger.info("calibration in %s lacks sites %s; collecting sites %s again", directory,
+                    sorted(set(expected["sites"]) - set(saved.get("sites", []))), sites)
     calibration = run_calibration(config, inputs, sites, progress)
     calibration.save(directory)
     return calibration

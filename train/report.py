@@ -96,7 +96,7 @@ def _training_section(runs: Path) -> list[str]:
               "`mambaspin train` and `mambaspin train --config configs/w4a8.yaml`.", ""]
     ortho = _read_json(runs / "ortho1000" / "results.json")
     if ortho is not None:
-        lines += [f"After {ortho['steps']} steps (batch 1 x 128 tokens), max |RᵀR − I| over all rotations: "
+        lines += [f"After {ortho['steps']} steps (batch 1 x 32 tokens), max |RᵀR − I| over all rotations: "
                   f"{ortho['orthogonality_error']:.2e} (float32 rotations, re-projected every 10 steps).", ""]
     return lines
 
