@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from torch import nn
 
 from .config import MambaConfig
 from .errors import UserError
-from .io import make_readable
+from .io import staged_directory
 from .model import MambaLM
 from .quant import ActQuantConfig, WeightQuantConfig, dequantize_weight, pack_int4, unpack_int4
 from .quant_model import LINEARS, QuantScheme, attach_act_quantizers
@@ -74,12 +72,7 @@ def write_quantized(directory: str | Path, config: MambaConfig, tensors: dict, q
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise UserError(f"output directory {directory} exists; pass --overwrite to replace it or choose another --out")
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    except OSError as error:
-        raise UserError(f"cannot write {directory}: {error.strerror}. Choose a writable --out.") from error
-    try:
+    with staged_directory(directory) as staging:
         hf = config.to_hf_dict() | {"tie_word_embeddings": False, "quantization_config": qconfig}
         (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / "model.safetensors"),
@@ -87,13 +80,6 @@ def write_quantized(directory: str | Path, config: MambaConfig, tensors: dict, q
         if tokenizer is not None:
             tokenizer.save(staging)
         (staging / "README.md").write_text(readme)
-        make_readable(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,3 +42,27 @@ def make_readable(directory: Path) -> None:
     directory.chmod(0o755)
     for path in directory.iterdir():
         path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | os.PathLike):
+    """Yield a temporary directory beside `directory`; on success it replaces `directory`.
+
+    A crash or an exception inside the block removes the temporary directory and leaves any
+    existing `directory` untouched, so no half-written output is ever visible under its name.
+    """
+    directory = Path(directory)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    except OSError as error:
+        raise UserError(f"cannot write {directory}: {error.strerror}. Choose a writable output path.") from error
+    try:
+        yield staging
+        make_readable(staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

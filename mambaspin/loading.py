@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .config import MambaConfig, config_from_dict
 from .data import resolve_path
 from .errors import UserError
-from .io import make_readable
+from .io import staged_directory
 from .model import MambaLM
 
 logger = logging.getLogger(__name__)
@@ -135,9 +133,7 @@ def save_model(model: MambaLM, directory: str | os.PathLike, tokenizer=None, ext
     file names to text (a model card, say).
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         config = model.config.to_hf_dict() | {"tie_word_embeddings": model.is_tied(), "torch_dtype": "float32"}
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -148,11 +144,4 @@ def save_model(model: MambaLM, directory: str | os.PathLike, tokenizer=None, ext
             tokenizer.save(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-        make_readable(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
