@@ -19,7 +19,8 @@ from .qat_model import act_quantizers, build_qat_model, make_act_scales_learnabl
 from mambaspin.quant_model import calibrate_act_quantizers
 
 
-def _median_step_seconds(step, repeats: int) -> float:
+def median_step_seconds(step, repeats: int) -> float:
+    """Median wall seconds of `repeats` calls of `step`, after one untimed warm-up call."""
     step()  # warm-up: allocator and autograd caches
     times = []
     for _ in range(repeats):
@@ -59,15 +60,15 @@ def qat_step_benchmark(config: RunConfig, repeats: int = 5) -> dict:
 
     plain = add_lora(copy.deepcopy(float_model), config.lora.settings())
     plain_params = [p for p in plain.parameters() if p.requires_grad]
-    plain_seconds = _median_step_seconds(_plain_lora_step(plain, batch, torch.optim.AdamW(plain_params, lr=1e-4)), repeats)
+    plain_seconds = median_step_seconds(_plain_lora_step(plain, batch, torch.optim.AdamW(plain_params, lr=1e-4)), repeats)
 
     calibration = load_or_run_calibration(config, inputs, config.rotation.needs_statistics(), progress=False)
     rotations = build_rotations(config.rotation, inputs.model, calibration)
     build_qat_model(inputs.model, rotations, config.rotation, config.quant.scheme(), config.lora.settings())
     calibrate_act_quantizers(inputs.model, act_quantizers(inputs.model), inputs.calibration_blocks[:4], progress=False)
     make_act_scales_learnable(inputs.model)
-    qat_ce = _median_step_seconds(_qat_step(config, inputs.model, batch, 0.0), repeats)
-    qat_distill = _median_step_seconds(_qat_step(config, inputs.model, batch, 1.0), repeats)
+    qat_ce = median_step_seconds(_qat_step(config, inputs.model, batch, 0.0), repeats)
+    qat_distill = median_step_seconds(_qat_step(config, inputs.model, batch, 1.0), repeats)
     return {
         "tokens_per_step": int(batch[:, :-1].numel()),
         "plain_lora_seconds": plain_seconds,

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import geoopt
 import torch
@@ -25,18 +23,9 @@ from mambaspin.quant_model import quantize_model_ptq
 from rotations.fold import apply_rotations
 from rotations.klt import build_rotations
 
+from .bench import median_step_seconds
 from .config import RunConfig
 from .inputs import load_inputs, load_or_run_calibration
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cayley_benchmark(sizes=(768, 1536, 2560), repeats: int = 3) -> list[dict]:
@@ -54,8 +43,8 @@ def cayley_benchmark(sizes=(768, 1536, 2560), repeats: int = 3) -> list[dict]:
             optimizer.step()
 
         other = torch.randn(size, size, generator=generator)
-        step_seconds = _median_seconds(step, repeats)
-        matmul_seconds = _median_seconds(lambda: start @ other, repeats)
+        step_seconds = median_step_seconds(step, repeats)
+        matmul_seconds = median_step_seconds(lambda: start @ other, repeats)
         rows.append({"d": size, "cayley_step_seconds": step_seconds, "matmul_seconds": matmul_seconds,
                      "ratio_to_matmul": step_seconds / matmul_seconds})
     return rows
@@ -94,8 +83,8 @@ def inference_benchmark(config: RunConfig, batch_size: int = 8, repeats: int = 3
     apply_rotations(quantized, build_rotations(config.rotation, quantized, calibration))
     quantize_model_ptq(quantized, config.quant.scheme(), inputs.calibration_blocks[:4], progress=False)
     batch = inputs.train_blocks[:batch_size, :-1]
-    float_seconds = _median_seconds(lambda: inputs.model(batch), repeats)
-    quantized_seconds = _median_seconds(lambda: quantized(batch), repeats)
+    float_seconds = median_step_seconds(lambda: inputs.model(batch), repeats)
+    quantized_seconds = median_step_seconds(lambda: quantized(batch), repeats)
     tokens = batch.numel()
     return {"tokens": tokens, "float_tokens_per_second": tokens / float_seconds,
             "quantized_tokens_per_second": tokens / quantized_seconds,
