@@ -87,6 +87,12 @@ class LoraSettings:
 # Injection
 
 
+def check_targets(model: nn.Module, settings: LoraSettings | None) -> None:
+    """Raise UserError when `settings` cannot be applied to `model` (see _resolve_targets); None passes."""
+    if settings is not None:
+        _resolve_targets(model, settings)
+
+
 def _matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 

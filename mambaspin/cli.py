@@ -1,7 +1,8 @@
 """Command-line entry point `mambaspin`: parses arguments and calls the library.
 
 User errors (`UserError`) print one line and exit with status 2, without a traceback. A training
-run stopped by a NaN or infinite loss (`FloatingPointError`) prints one line too and exits with status 3.
+run stopped by a NaN or infinite loss (`FloatingPointError`) prints one line too and exits with status 3,
+and Ctrl-C exits with status 130. key=value overrides may come before or after the options.
 Every subcommand takes `--json PATH` and writes its results there too.
 """
 
@@ -41,6 +42,8 @@ def run_eval(args) -> dict:
 
     if args.block_size < 1:
         raise UserError(f"--block-size {args.block_size} is invalid: expected a positive number of tokens")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} is invalid: expected a positive number of windows")
     model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir, device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or model_dir)
@@ -162,8 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`, accepting key=value overrides anywhere, before or after options."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if overrides and not hasattr(args, "overrides"):
+        unknown = extra
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = args.handler(args)
@@ -177,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as error:  # training stopped on a NaN or infinite loss
         print(f"mambaspin {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"mambaspin {args.command}: interrupted; completed checkpoints and outputs are kept, "
+              "nothing half-written is left", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -42,6 +42,72 @@ def _nested_type(cls, field: dataclasses.Field):
     return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _convert_scalar(kind, value):
+    """Return `value` as `kind`, or raise ValueError. YAML ints pass as floats; bools never pass as numbers."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError
+
+
+def _convert_sequence(value) -> tuple:
+    """A list of strings, or one comma-separated string ('in_proj,out_proj'), as a tuple of strings."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ValueError
+
+
+def check_value(cls, field: dataclasses.Field, value, where: str):
+    """Check a plain config value against the field's type hint and return it converted.
+
+    Handles bool, int, float, str, tuple (of strings) and Optional of those; other hints pass
+    unchanged. A mismatch raises UserError naming the key, the value and the expected type.
+    """
+    hint = typing.get_type_hints(cls).get(field.name)
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in args:
+        return None
+    kinds = [typing.get_origin(a) or a for a in args if a is not type(None)]
+    for kind in kinds:
+        if kind in _SCALARS or kind in (tuple, list):
+            try:
+                return _convert_sequence(value) if kind in (tuple, list) else _convert_scalar(kind, value)
+            except ValueError:
+                continue
+        else:
+            return value
+    expected = " or ".join("a list of names" if k in (tuple, list) else _SCALARS[k] for k in kinds)
+    if type(None) in args:
+        expected += " or null"
+    raise UserError(f"{where}={value!r} is invalid: expected {expected}, got {type(value).__name__}. "
+                    f"Fix it in the config file or override it, e.g. {where}={_example(kinds[0], field)}")
+
+
+def _example(kind, field: dataclasses.Field) -> str:
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if kind in (tuple, list):
+        return ",".join(default) if isinstance(default, (tuple, list)) and default else "a,b"
+    if default is not None and not isinstance(default, (tuple, list, dict)):
+        return str(default).lower() if isinstance(default, bool) else str(default)
+    return {bool: "true", int: "1", float: "1.0", str: "name"}[kind]
+
+
 def unknown_key_error(key: str, valid: list[str], path: str) -> UserError:
     """Build the error for an unknown config key, suggesting the nearest valid one."""
     where = f"{path}.{key}" if path else key
@@ -71,7 +137,7 @@ def build(cls, raw, path: str = ""):
         elif value_type is not None:
             values[key] = {name: build(value_type, item, f"{where}.{name}") for name, item in (value or {}).items()}
         else:
-            values[key] = value
+            values[key] = check_value(cls, field, value, where)
     try:
         return cls(**values)
     except TypeError as error:
@@ -86,7 +152,7 @@ def to_dict(instance) -> dict:
 def parse_override(text: str) -> tuple[list[str], object]:
     """Split 'a.b.c=value' into (['a', 'b', 'c'], value parsed as YAML)."""
     if "=" not in text:
-        raise UserError(f"override {text!r} is invalid: expected key=value, e.g. train.max_steps=100")
+        raise UserError(f"override {text!r} is invalid: expected key=value, e.g. max_steps=100 or train.lr_lora=1e-4")
     key, value = text.split("=", 1)
     try:
         return key.strip().split("."), _load_yaml_text(value) if value.strip() else ""
@@ -102,7 +168,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         keys, value = parse_override(text)
         node = result
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, dict):
                 raise UserError(f"override {text!r}: {key!r} is a value, not a section")
         node[keys[-1]] = value

@@ -52,6 +52,9 @@ def staged_directory(directory: str | os.PathLike):
     existing `directory` untouched, so no half-written output is ever visible under its name.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"output path {directory} exists and is a file, not a directory; "
+                        "choose another output directory or remove the file")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -61,8 +64,13 @@ def staged_directory(directory: str | os.PathLike):
         yield staging
         make_readable(staging)
         if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
+            # Move the old directory aside first, so a crash here leaves it whole under the backup name.
+            backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            directory.rename(backup / directory.name)
+            staging.rename(directory)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -29,6 +29,30 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt", "*.model"]
 
 
+def resolve_device(name: str | torch.device, key: str = "--device") -> torch.device:
+    """Parse a device name ('cpu', 'cuda', 'cuda:1'), raising UserError for a bad name or a missing GPU.
+
+    key: how the user set it (an option or a config key), named in the error.
+    """
+    if isinstance(name, torch.device):
+        device = name
+    else:
+        try:
+            device = torch.device(str(name))
+        except (RuntimeError, ValueError) as error:
+            raise UserError(f"{key} {name!r} is not a device: expected cpu, cuda or cuda:N") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{key} {name!r} needs a CUDA GPU, and torch sees none here "
+                            f"(torch {torch.__version__}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{key} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0; pick one of them")
+    elif device.type != "cpu":
+        raise UserError(f"not supported yet: {key} {name!r}; mambaspin runs on cpu or cuda")
+    return device
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """Return a local directory for a path or a hub id (downloaded into the hub cache)."""
     path = Path(resolve_path(name_or_path))
@@ -85,6 +109,7 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> MambaLM:
     """Load a Mamba-1 checkpoint (Hugging Face, original mamba_ssm, or a mambaspin quantized
     checkpoint, which keeps its own dtype) as a `MambaLM`."""
+    device = resolve_device(device)
     directory = resolve_model_dir(name_or_path)
     from .export import is_quantized_dir, load_quantized
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from mambaspin.errors import UserError
 
 from .config import KLT_INITS, SITES, RotationConfig, site_size
-from .hadamard import random_hadamard, random_orthogonal, hadamard_matrix
+from .hadamard import hadamard_matrix, is_hadamard_size, random_hadamard, random_orthogonal
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,32 @@ def _site_covariance(site, layer, config, calibration, scales):
     return covariance
 
 
+SIZE_NAMES = {"R1": "d_model", "R2": "d_inner", "R3": "d_inner", "R4": "d_state", "R5": "dt_rank", "R6": "d_inner"}
+
+
+def check_site_sizes(config: RotationConfig, model_config) -> None:
+    """Raise UserError, naming the config key, when a Hadamard-based init cannot be built at a site's size.
+
+    Cheap, so recipes call it before loading data or calibrating.
+    """
+    for site in config.applied:
+        init, size = config.sites[site].init, site_size(site, model_config)
+        if init in ("hadamard", "klt_hadamard") and not is_hadamard_size(size):
+            detail = ""
+            try:
+                hadamard_matrix(size)
+            except ValueError as error:
+                detail = " ".join(str(error).split()).replace(
+                    " Set `init: random` to use a seeded random orthogonal matrix instead.", "")
+            raise UserError(f"rotation.sites.{site}.init={init} needs a Hadamard matrix of size {size} "
+                            f"({SIZE_NAMES[site]} of this model): {detail} "
+                            f"For example rotation.sites.{site}.init=random, or rotation.sites.{site}.apply=false.")
+
+
 def build_rotations(config: RotationConfig, model, calibration=None) -> RotationSet:
     """Build every applied site's matrix; each layer's KLT comes from that layer's own statistics."""
     model_config = model.config
+    check_site_sizes(config, model_config)
     rotations = RotationSet(layer_matrices=[{} for _ in range(model_config.n_layer)])
     if config.needs_statistics() and calibration is None:
         raise UserError(f"sites {config.needs_statistics()} need a calibration; run `mambaspin calibrate` first")

@@ -6,6 +6,7 @@ Writes quality.md, quality.csv, quality.json and quality.png into --out (default
 """
 
 import argparse
+import logging
 
 from mambaspin.cli import DEFAULT_CONFIG
 from train.config import load_run_config
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="output directory")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=200")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_run_config(args.config, args.overrides)
     report = quality_benchmark(config, args.presets.split(","), args.methods.split(","), not args.no_gptq, args.out)
     print(report["table"])

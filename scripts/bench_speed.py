@@ -1,14 +1,16 @@
 """Speed and memory benchmarks, each a ratio against a baseline measured in the same run.
 
-python scripts/bench_speed.py [--config configs/default.yaml] [--repeats 3] [--json out.json] [--skip scan,...] [key=value ...]
+python scripts/bench_speed.py [--config configs/default.yaml] [--repeats 3] [--json out.json] [--merged DIR]
+    [--skip scan,...] [key=value ...]
 
 Parts: scan (fused scan vs transformers' CPU path and the reference loop), qat_step (QAT step vs
 plain LoRA step), calibration_memory (peak memory vs calibration tokens), cayley (Cayley step vs a
-d x d matmul at d = 768, 1536, 2560), inference (tokens/s of the rotated quantized model vs float).
+d x d matmul at d = 768, 1536, 2560), inference (tokens/s of an exported quantized checkpoint vs float).
 On a shared machine, set OMP_NUM_THREADS=1 for steadier numbers.
 """
 
 import argparse
+import logging
 
 from mambaspin.bench import benchmark_environment, format_scan_table, scan_benchmark
 from mambaspin.cli import DEFAULT_CONFIG
@@ -26,8 +28,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to skip, from {', '.join(PARTS)}")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
+    parser.add_argument("--merged", default=None,
+                        help="merged checkpoint to time for inference (default: export the untrained rotations)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     skip = set(filter(None, args.skip.split(",")))
     config = load_run_config(args.config, args.overrides)
     results = {"environment": benchmark_environment()}
@@ -48,7 +53,7 @@ def main() -> None:
         for row in rows:
             print(f"Cayley step d={row['d']}: {row['cayley_step_seconds']:.3f} s = {row['ratio_to_matmul']:.1f}x a d x d matmul")
     if "inference" not in skip:
-        results["inference"] = row = inference_benchmark(config, repeats=args.repeats)
+        results["inference"] = row = inference_benchmark(config, repeats=args.repeats, merged_dir=args.merged)
         print(f"inference: quantized {row['quantized_tokens_per_second']:.0f} tokens/s, float "
               f"{row['float_tokens_per_second']:.0f} tokens/s ({row['quantized_over_float']:.2f}x)")
     if args.json:

@@ -146,8 +146,11 @@ def test_cli_writes_json(tmp_path, hf_model_dir, eval_text):
     assert second.stdout == first.stdout
 
 
-@pytest.mark.parametrize("case", ["missing_model", "missing_hub_model", "gpt2_model", "large_tokenizer", "short_text"])
+@pytest.mark.parametrize("case", ["missing_model", "missing_hub_model", "gpt2_model", "large_tokenizer", "short_text",
+                                  "zero_batch", "bad_device", "cuda_without_gpu"])
 def test_cli_bad_input(tmp_path, model_factory, eval_text, case):
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU; the case checks the error on machines without one")
     data = tmp_path / "text.txt"
     data.write_text(eval_text, encoding="utf-8")
     args = ["eval", "--data", str(data), "--block-size", str(CLI_BLOCK_SIZE)]
@@ -165,6 +168,12 @@ def test_cli_bad_input(tmp_path, model_factory, eval_text, case):
         args += ["--model", str(model_dir), "--tokenizer", str(tokenizer_dir)]
     elif case == "short_text":
         args += ["--model", str(model_factory()), "--block-size", "100000"]
+    elif case == "zero_batch":
+        args += ["--model", str(model_factory()), "--batch-size", "0"]
+    elif case == "bad_device":
+        args += ["--model", str(model_factory()), "--device", "gpu0"]
+    elif case == "cuda_without_gpu":
+        args += ["--model", str(model_factory()), "--device", "cuda"]
 
     completed = run_cli(*args, cwd=tmp_path)
 

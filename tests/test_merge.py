@@ -206,6 +206,14 @@ def test_load_model_dispatches(merged, preset):
     assert torch.equal(logits_of(load_model(merged_dir), ids), logits_of(load_quantized(merged_dir), ids))
 
 
+def test_transformers_refuses_packed_checkpoint(merged):
+    """transformers must stop on the packed format: one that loaded it would drop the packed
+    weights and run randomly initialized linears."""
+    _, merged_dir = merged("quant.preset=W4A4")
+    with pytest.raises(ValueError, match="quant_method"):
+        transformers.AutoModelForCausalLM.from_pretrained(merged_dir)
+
+
 def test_online_sites_round_trip(merged, workspace):
     run, merged_dir = merged(*ONLINE_OPTIONS)
     _, reference, _, _ = load_trained(run)
@@ -305,6 +313,25 @@ def test_merge_overwrites_when_asked(trained, tmp_path):
     assert not (out / "stale.txt").exists()
 
 
+@pytest.mark.parametrize("where", ["run", "parent", "checkpoints", "checkpoint"])
+def test_merge_refuses_out_that_holds_the_run(trained, tmp_path, where):
+    run = Path(shutil.copytree(trained("quant.preset=W4A4"), tmp_path / "runs" / "run"))
+    out = {"run": run, "parent": run.parent, "checkpoints": run / "checkpoints",
+           "checkpoint": run / "checkpoints" / "step_2"}[where]
+    before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match="--out"):
+        merge(run, out, overwrite=True)
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
+
+
+def test_merge_refuses_out_that_is_a_file(trained, tmp_path):
+    out = tmp_path / "model.bin"
+    out.write_text("a regular file")
+    with pytest.raises(UserError, match="is a file"):
+        merge(trained("quant.preset=W4A4"), out, overwrite=True)
+    assert out.read_text() == "a regular file"
+
+
 def test_load_rejects_scaled_rotation(damaged_copy):
     weights = damaged_copy / "model.safetensors"
     tensors = load_file(str(weights))
@@ -377,7 +404,7 @@ def test_merge_rejects_other_model(workspace, tmp_path):
     model_dir = Path(shutil.copytree(workspace["model_dir"], tmp_path / "model"))
     run = train_run(model_dir, workspace["text_file"], tmp_path / "run")
     save_model(make_model(seed=1), model_dir, workspace["tokenizer"])
-    with pytest.raises(UserError, match="another model"):
+    with pytest.raises(UserError, match=r"\(model weights differ\)"):
         merge(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

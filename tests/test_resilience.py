@@ -223,8 +223,13 @@ def test_crash_during_save_keeps_previous(workspace, tmp_path, monkeypatch):
         train(config, progress=False)
 
     root = checkpoint_root(output_dir)
-    assert (root / ".step_4.tmp" / "model.safetensors").is_file()
+    assert not (root / ".step_4.tmp").exists()  # an exception removes the partial checkpoint
     assert not (root / "step_4").exists()
+    assert resolve_checkpoint(output_dir, "latest") == root / "step_2"
+
+    # A kill leaves the partial directory behind: `latest` ignores it and the next save replaces it.
+    (root / ".step_4.tmp").mkdir()
+    (root / ".step_4.tmp" / "model.safetensors").write_bytes(b"\x00" * 100)
     assert resolve_checkpoint(output_dir, "latest") == root / "step_2"
 
     monkeypatch.undo()
@@ -364,7 +369,7 @@ def test_resume_changed_sites(workspace, two_step_run, tmp_path):
                         "--resume_from_checkpoint", "latest")
     line = error_line(completed)
     assert str(checkpoint_root(output_dir) / "step_2") in line
-    assert "rotation sites" in line
+    assert "with other rotation settings" in line
     assert tree_digest(output_dir) == before
 
 
@@ -463,3 +468,75 @@ def test_sources_load_without_pickle():
             for line in unsafe_loads(path.read_text(encoding="utf-8")):
                 offenders.append(f"{path.relative_to(REPO_ROOT)}:{line}")
     assert offenders == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Existing runs, value types, argument order and Ctrl-C
+
+
+def test_new_run_refuses_old_checkpoints(workspace, two_step_run, tmp_path):
+    """Retention keeps the highest steps, so a new run over old checkpoints would lose its own."""
+    output_dir = tmp_path / "run"
+    shutil.copytree(two_step_run, output_dir)
+    before = tree_digest(output_dir)
+    line = error_line(run_cli(*run_overrides(workspace, output_dir)))
+    assert "already holds checkpoints" in line
+    assert "--resume_from_checkpoint latest" in line
+    assert tree_digest(output_dir) == before
+
+
+def test_resume_past_max_steps(workspace, two_step_run, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(two_step_run, output_dir)
+    before = tree_digest(output_dir)
+    line = error_line(run_cli(*run_overrides(workspace, output_dir, "max_steps=1"), "--resume_from_checkpoint", "latest"))
+    assert "step 2, past max_steps=1" in line
+    assert tree_digest(output_dir) == before
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr_lora=abc", "train.lr_lora='abc' is invalid: expected a number"),
+    ("rotation.sites.R2.apply=maybe", "rotation.sites.R2.apply='maybe' is invalid: expected true or false"),
+    ("max_steps=1.5", "max_steps=1.5 is invalid: expected an integer"),
+    ("seed=true", "seed=True is invalid: expected an integer"),
+    ("calibration.batch_size=0", "calibration.batch_size=0 is invalid"),
+    ("model.device=tpu", "model.device='tpu' is invalid"),
+    ("lora.targets=conv1d", "LoRA on conv1d is not supported"),
+])
+def test_bad_value_types(workspace, tmp_path, override, expected):
+    line = error_line(run_cli(*run_overrides(workspace, tmp_path / "run", override)))
+    assert expected in line
+    assert_nothing_half_written(tmp_path / "run")
+
+
+def test_cuda_device_without_gpu(workspace, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU; the test checks the error on machines without one")
+    line = error_line(run_cli(*run_overrides(workspace, tmp_path / "run", "model.device=cuda")))
+    assert "model.device 'cuda' needs a CUDA GPU" in line
+    assert_nothing_half_written(tmp_path / "run")
+
+
+def test_overrides_after_options(workspace, tmp_path):
+    report = tmp_path / "report.json"
+    overrides = run_overrides(workspace, tmp_path / "run", "max_steps=1")
+    completed = run_cli(*overrides[:3], "--json", str(report), *overrides[3:])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(report.read_text())["steps"] == 1
+
+
+def test_ctrl_c_exits_130_without_traceback(workspace, tmp_path):
+    output_dir = tmp_path / "run"
+    arguments = [argument for argument in slow_run_arguments(workspace, output_dir) if argument != "max_steps=8"]
+    process = start_training([*arguments, "max_steps=200"], tmp_path / "log.txt")
+    deadline = time.time() + CLI_TIMEOUT_SECONDS
+    while not (checkpoint_root(output_dir) / "step_2").is_dir() and time.time() < deadline and process.poll() is None:
+        time.sleep(POLL_SECONDS)
+    process.send_signal(signal.SIGINT)
+    status = process.wait(timeout=CLI_TIMEOUT_SECONDS)
+    log = (tmp_path / "log.txt").read_text()
+    assert status == 130, log[-3000:]
+    assert "Traceback" not in log
+    assert "mambaspin train: interrupted" in log
+    assert (checkpoint_root(output_dir) / "step_2" / MARKER).is_file()
+    assert [path for path in output_dir.rglob("*.tmp")] == []

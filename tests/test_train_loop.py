@@ -158,7 +158,7 @@ def test_resume_rejects_changed_sites(workspace, two_step_run, tmp_path):
     output_dir = tmp_path / "changed"
     shutil.copytree(two_step_run, output_dir)
     config = make_config(workspace, output_dir, "rotation.sites.R2.apply=false")
-    with pytest.raises(UserError, match="rotation sites"):
+    with pytest.raises(UserError, match="with other rotation settings"):
         train(config, resume_from="latest", progress=False)
 
 

@@ -61,12 +61,18 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, metadata: di
         shutil.rmtree(staging, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            write_json_atomic(staging / MARKER, {"step": step, **metadata})
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+    except BaseException:  # Ctrl-C or a write error: drop the partial checkpoint, keep the earlier ones
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        write_json_atomic(staging / MARKER, {"step": step, **metadata})
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
         for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("saved checkpoint %s", final)

@@ -35,11 +35,17 @@ class ModelSection:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+        if self.device != "auto" and not any(self.device == kind or self.device.startswith(kind + ":")
+                                             for kind in ("cpu", "cuda")):
+            raise UserError(f"model.device={self.device!r} is invalid: expected auto, cpu, cuda or cuda:N")
 
     def torch_device(self) -> torch.device:
+        """The device to run on: CUDA when `auto` finds a GPU, else CPU; UserError for a bad or missing one."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        from mambaspin.loading import resolve_device
+
+        return resolve_device(self.device, "model.device")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class DataSection:
             raise UserError(f"data.block_size={self.block_size!r} is invalid: expected an integer of at least 2")
         if not 0.0 < self.train_fraction < 1.0:
             raise UserError(f"data.train_fraction={self.train_fraction!r} is invalid: expected a number in (0, 1)")
+        if self.max_eval_tokens < 0:
+            raise UserError(f"data.max_eval_tokens={self.max_eval_tokens} is invalid: expected 0 (the whole "
+                            "validation split) or a positive number of tokens")
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,10 @@ class CalibrationSection:
     dir: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.n_blocks, int) or self.n_blocks < 1:
-            raise UserError(f"calibration.n_blocks={self.n_blocks!r} is invalid: expected a positive integer")
+        for name in ("n_blocks", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"calibration.{name}={value!r} is invalid: expected a positive integer")
 
 
 @dataclass(frozen=True)
@@ -172,10 +183,13 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self):
-        for name in ("max_steps", "save_every", "eval_every", "log_every", "keep_checkpoints"):
+        zero_means = {"max_steps": "no training steps", "save_every": "save only at the end",
+                      "eval_every": "evaluate only at the end", "log_every": "no metric logs",
+                      "keep_checkpoints": "keep all"}
+        for name, meaning in zero_means.items():
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise UserError(f"{name}={value!r} is invalid: expected a non-negative integer (0 turns it off)")
+                raise UserError(f"{name}={value!r} is invalid: expected a non-negative integer (0: {meaning})")
 
     @property
     def calibration_dir(self) -> Path:

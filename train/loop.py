@@ -34,7 +34,7 @@ from rotations.config import SITES
 from rotations.klt import build_rotations
 
 from .ablate import ptq_loss
-from .checkpoints import read_metadata, resolve_checkpoint, save_checkpoint
+from .checkpoints import checkpoint_root, complete_checkpoints, read_metadata, resolve_checkpoint, save_checkpoint
 from .config import RunConfig
 from .inputs import load_inputs, load_or_run_calibration
 from .qat_model import (act_quantizers, build_qat_model, check_finite, float_mode, make_act_scales_learnable,
@@ -112,12 +112,30 @@ def qat_loss(model, batch: torch.Tensor, distill_weight: float, temperature: flo
     return (1 - distill_weight) * cross_entropy + distill_weight * kl, parts
 
 
-def identity_fingerprint(config: RunConfig, model_fingerprint: str) -> str:
-    """Hash of what a checkpoint cannot change on resume: model, rotation sites, quant, LoRA."""
-    fixed = {"model": model_fingerprint, "rotation": dataclasses.asdict(config.rotation),
+def identity_parts(config: RunConfig, model_fingerprint: str) -> dict[str, str]:
+    """Hash of each thing a checkpoint cannot change on resume: model weights, rotation, quant, LoRA, block size."""
+    fixed = {"model weights": model_fingerprint, "rotation": dataclasses.asdict(config.rotation),
              "quant": dataclasses.asdict(config.quant), "lora": dataclasses.asdict(config.lora),
-             "block_size": config.data.block_size}
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
+             "data.block_size": config.data.block_size}
+    return {name: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for name, value in fixed.items()}
+
+
+def identity_fingerprint(config: RunConfig, model_fingerprint: str) -> str:
+    """Hash `identity_parts` into one hex digest."""
+    parts = identity_parts(config, model_fingerprint)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def identity_mismatch(metadata: dict, config: RunConfig, model_fingerprint: str) -> str | None:
+    """Return None when a checkpoint's identity matches, else what differs, e.g. 'model weights, quant'."""
+    if metadata.get("identity") == identity_fingerprint(config, model_fingerprint):
+        return None
+    saved = metadata.get("identity_parts")
+    if not saved:
+        return "model weights, rotation, quant, LoRA or block size (the checkpoint predates per-part identities)"
+    current = identity_parts(config, model_fingerprint)
+    return ", ".join(name for name in current if saved.get(name) != current[name]) or "unknown parts"
 
 
 def make_optimizers(config: RunConfig, model):
@@ -173,11 +191,11 @@ def _prepare_model(config: RunConfig, accelerator, inputs) -> dict:
     return baselines
 
 
-def _check_resume(path: Path, fingerprint: str) -> None:
-    saved = read_metadata(path).get("identity")
-    if saved != fingerprint:
-        raise UserError(f"checkpoint {path} was made with another model, rotation sites, quantizers or LoRA "
-                        "settings than this config; resume with the config of that run, or start a new output_dir")
+def _check_resume(path: Path, config: RunConfig, model_fingerprint: str) -> None:
+    differs = identity_mismatch(read_metadata(path), config, model_fingerprint)
+    if differs:
+        raise UserError(f"checkpoint {path} was made with other {differs} settings than this config; resume with the "
+                        "config of that run, or start a new output_dir")
 
 
 def _log_metrics(accelerator, model, state, optimizers, grad_norm, parts, started, device) -> dict:
@@ -233,9 +251,33 @@ def _make_output_dir(path: str) -> None:
         raise UserError(f"output_dir {path} is not writable; set output_dir to a writable directory")
 
 
+def _check_fresh_output_dir(config: RunConfig) -> None:
+    """Refuse to start a new run over an earlier run's checkpoints.
+
+    Checkpoint retention keeps the highest steps, so a new run there would lose its own early
+    checkpoints to the old run's later ones, and `latest` would point at the old run.
+    """
+    found = complete_checkpoints(config.output_dir)
+    if found:
+        raise UserError(f"output_dir {config.output_dir} already holds checkpoints of an earlier run ({found[0].name} to "
+                        f"{found[-1].name}). Resume it with --resume_from_checkpoint latest, set output_dir to a new "
+                        f"directory, or delete {checkpoint_root(config.output_dir)} to start over there")
+
+
+def _check_resume_step(config: RunConfig, path: Path, step: int) -> None:
+    if step > config.max_steps:
+        raise UserError(f"checkpoint {path} is at step {step}, past max_steps={config.max_steps}. Raise max_steps to "
+                        f"continue training, or merge that checkpoint with `mambaspin merge --checkpoint {path.name}`")
+
+
 def train(config: RunConfig, resume_from: str | None = None, progress: bool = True) -> dict:
     """Run QAT with `config`, writing checkpoints and RUN/results.json. Returns the results."""
     started = time.time()
+    if resume_from:
+        path = resolve_checkpoint(config.output_dir, resume_from)
+        _check_resume_step(config, path, int(read_metadata(path).get("state", {}).get("step", 0)))
+    else:
+        _check_fresh_output_dir(config)
     _make_output_dir(config.output_dir)
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
@@ -253,13 +295,14 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     state = TrainState()
     if resume_from:
         path = resolve_checkpoint(config.output_dir, resume_from)
-        _check_resume(path, fingerprint)
+        _check_resume(path, config, baselines["model_fingerprint"])
         _load_checkpoint(accelerator, path)
         state.load_state_dict(read_metadata(path)["state"])
         loader = accelerator.skip_first_batches(loader, state.step * config.train.grad_accum)
         logger.info("resumed from %s at step %d", path, state.step)
 
-    metadata = {"identity": fingerprint, "config": config.to_dict()}
+    metadata = {"identity": fingerprint, "identity_parts": identity_parts(config, baselines["model_fingerprint"]),
+                "config": config.to_dict()}
     history = _run_steps(config, accelerator, model, (rotation_opt, euclidean_opt), schedulers, loader, state,
                          inputs, metadata, progress)
     if config.save_every == 0 or state.step % config.save_every:
@@ -355,8 +398,6 @@ def _dump_trainables(accelerator, model, directory: Path) -> None:
 def _stop_on_nan(config: RunConfig, state: TrainState, loss: torch.Tensor, reason: str | None = None,
                  step: int | None = None) -> None:
     """Raise FloatingPointError naming the step and the last good checkpoint; nothing is saved."""
-    from .checkpoints import complete_checkpoints
-
     found = complete_checkpoints(config.output_dir)
     last = str(found[-1]) if found else "none"
     reason = reason or f"loss became {float(loss.detach())}"

@@ -29,7 +29,7 @@ from rotations.klt import RotationSet
 
 from .checkpoints import read_metadata, resolve_checkpoint
 from .config import DTYPES, RunConfig
-from .loop import identity_fingerprint
+from .loop import identity_mismatch
 from .inputs import load_calibration_blocks
 from .qat_model import build_qat_model, make_act_scales_learnable, qat_linears
 
@@ -58,9 +58,11 @@ def load_trained(run_dir: str | Path, checkpoint: str = "latest"):
     config = configtools.build(RunConfig, metadata["config"])
     model_dir = resolve_model_dir(config.model.path)
     model = load_model(model_dir, dtype=DTYPES[config.model.dtype])
-    if identity_fingerprint(config, model_fingerprint(model)) != metadata.get("identity"):
-        raise UserError(f"checkpoint {path} was trained from another model than {config.model.path} "
-                        "(the weights or the config differ); point model.path at the model the run started from")
+    differs = identity_mismatch(metadata, config, model_fingerprint(model))
+    if differs:
+        raise UserError(f"checkpoint {path} does not match {config.model.path} and its run config ({differs} "
+                        "differ): point model.path at the model the run started from, with the mambaspin version "
+                        "that trained it")
     build_qat_model(model, placeholder_rotations(config, model.config), config.rotation, config.quant.scheme(),
                     config.lora.settings())
     if config.train.learnable_act_scales:
@@ -187,6 +189,19 @@ def merge_readme(config: RunConfig, checkpoint: Path, fmt: str) -> str:
             "Load with `mambaspin.export.load_quantized(DIR)` or evaluate with `mambaspin eval --model DIR`.\n")
 
 
+def check_out_dir(run_dir: str | Path, out_dir: str | Path) -> None:
+    """Refuse an --out whose replacement would delete the run: the run itself, a folder above it,
+    or a place inside its checkpoints."""
+    run, out = Path(run_dir).resolve(), Path(out_dir).resolve()
+    if out == run or out in run.parents:
+        raise UserError(f"--out {out_dir} would replace the run directory {run_dir} it is merged from; "
+                        f"choose an --out outside it or below it, e.g. {Path(run_dir) / 'quantized'}")
+    checkpoints = (run / "checkpoints").resolve()
+    if out == checkpoints or checkpoints in out.parents:
+        raise UserError(f"--out {out_dir} is inside the run's checkpoints ({checkpoints}); "
+                        f"choose another --out, e.g. {Path(run_dir) / 'quantized'}")
+
+
 def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", fmt: str = "mambaspin",
           overwrite: bool = False, gptq: bool = False) -> dict:
     """Write the merged checkpoint of `run_dir` into `out_dir`; returns a summary.
@@ -197,6 +212,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", 
     """
     if fmt not in ("mambaspin", "hf"):
         raise UserError(f"--format {fmt!r} is invalid: expected mambaspin or hf")
+    check_out_dir(run_dir, out_dir)
     config, model, tokenizer, path = load_trained(run_dir, checkpoint)
     if fmt == "hf":
         online = online_sites(config)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 from mambaspin.evaluate import evaluate_text
 from mambaspin.export import load_quantized
-from mambaspin.io import write_json_atomic
+from mambaspin.io import write_json_atomic, write_text_atomic
 
 from .ablate import ptq_loss
+from .checkpoints import checkpoint_root
 from .config import QuantSection, RunConfig
 from .inputs import load_inputs, load_or_run_calibration
 from .loop import train
@@ -35,6 +37,12 @@ def _trained_losses(config: RunConfig, method: str, out_dir: Path, gptq: bool) -
     """Train one QAT run (with or without LoRA), then evaluate its merged checkpoints."""
     lora = dataclasses.replace(config.lora, rank=0) if method == "learned" else config.lora
     run_config = dataclasses.replace(config, lora=lora, output_dir=str(out_dir / f"{method}_{config.quant.preset}"))
+
+    # The benchmark owns OUT/METHOD_PRESET: a rerun starts over instead of resuming an old run.
+    stale = checkpoint_root(run_config.output_dir)
+    if stale.is_dir():
+        logger.info("removing %s, left by an earlier benchmark run", stale)
+        shutil.rmtree(stale)
     results = train(run_config, progress=False)
     losses = {"rtn_weights": results["trained"]}
     if gptq:
@@ -80,7 +88,7 @@ def _write_quality(out_dir: Path, rows: list[dict], float_loss: float) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "quality.csv", rows)
     table = quality_table(rows, float_loss)
-    (out_dir / "quality.md").write_text(table)
+    write_text_atomic(out_dir / "quality.md", table)
     chart = plot_gaps(rows, out_dir / "quality.png")
     report = {"float_loss": float_loss, "rows": rows, "table": table, "chart": str(chart), "out": str(out_dir)}
     write_json_atomic(out_dir / "quality.json", report)

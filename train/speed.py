@@ -5,8 +5,8 @@ Every figure comes with the baseline it is divided by, measured in the same proc
   matrix product (the cost unit of a rotation applied to a weight);
 - calibration memory: peak resident memory of a calibration subprocess per number of calibration
   tokens, against the smallest count (flat means O(d²) memory);
-- inference: tokens per second of the rotated, quantized model (online rotations and fake
-  quantizers, the modules `load_quantized` builds) against the float model.
+- inference: tokens per second of an exported quantized checkpoint, loaded by `load_quantized`
+  (online rotations and fake quantizers), against the float model.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import copy
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import geoopt
 import torch
 
-from mambaspin.quant_model import quantize_model_ptq
-from rotations.fold import apply_rotations
 from rotations.klt import build_rotations
 
 from .bench import median_step_seconds
@@ -74,18 +74,45 @@ def calibration_memory_benchmark(config_path: str, overrides: list[str], block_c
     return rows
 
 
+def export_ptq_model(config: RunConfig, inputs, calibration, directory: Path) -> Path:
+    """Write the run's rotated, round-to-nearest quantized model (no training) as a packed checkpoint."""
+    from mambaspin.export import quantization_config, write_quantized
+    from mambaspin.quant_model import calibrate_act_quantizers
+
+    from .merge import quantized_tensors
+    from .qat_model import act_quantizers, build_qat_model
+
+    scheme = config.quant.scheme()
+    model = copy.deepcopy(inputs.model)
+    build_qat_model(model, build_rotations(config.rotation, model, calibration), config.rotation, scheme, None)
+    calibrate_act_quantizers(model, act_quantizers(model), inputs.calibration_blocks[:16], progress=False)
+    online = {site: site in config.rotation.applied for site in ("R2", "R3", "R4", "R6")}
+    qconfig = quantization_config(scheme, online, config.rotation.smooth.apply)
+    with torch.no_grad():
+        tensors = quantized_tensors(model.eval(), scheme)
+    return write_quantized(directory, model.config, tensors, qconfig, overwrite=True)
+
+
 @torch.no_grad()
-def inference_benchmark(config: RunConfig, batch_size: int = 8, repeats: int = 3) -> dict:
-    """Tokens per second of the float model and of the rotated W-A quantized model (forward only)."""
+def inference_benchmark(config: RunConfig, batch_size: int = 8, repeats: int = 3, merged_dir=None) -> dict:
+    """Measure tokens per second of an exported quantized checkpoint (as `load_quantized` builds it: dequantized
+    weights, online rotations, fake-quantized activations) against the float model, forward only.
+
+    merged_dir: a `mambaspin merge` output; without it, the run's rotations are exported untrained
+    into a temporary directory.
+    """
+    from mambaspin.export import load_quantized
+
     inputs = load_inputs(config)
-    calibration = load_or_run_calibration(config, inputs, config.rotation.needs_statistics(), progress=False)
-    quantized = copy.deepcopy(inputs.model)
-    apply_rotations(quantized, build_rotations(config.rotation, quantized, calibration))
-    quantize_model_ptq(quantized, config.quant.scheme(), inputs.calibration_blocks[:4], progress=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        if merged_dir is None:
+            calibration = load_or_run_calibration(config, inputs, config.rotation.needs_statistics(), progress=False)
+            merged_dir = export_ptq_model(config, inputs, calibration, Path(scratch) / "quantized")
+        quantized = load_quantized(merged_dir)
     batch = inputs.train_blocks[:batch_size, :-1]
     float_seconds = median_step_seconds(lambda: inputs.model(batch), repeats)
     quantized_seconds = median_step_seconds(lambda: quantized(batch), repeats)
     tokens = batch.numel()
-    return {"tokens": tokens, "float_tokens_per_second": tokens / float_seconds,
+    return {"tokens": tokens, "checkpoint": str(merged_dir), "float_tokens_per_second": tokens / float_seconds,
             "quantized_tokens_per_second": tokens / quantized_seconds,
             "quantized_over_float": float_seconds / quantized_seconds}

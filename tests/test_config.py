@@ -1,0 +1,165 @@
+"""Config building: value types, overrides, argument order, early size checks and staged writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from mambaspin.cli import build_parser, parse_arguments
+from mambaspin.config import MambaConfig
+from mambaspin.errors import UserError
+from mambaspin.io import staged_directory
+from rotations.config import RotationConfig, SiteConfig
+from rotations.klt import check_site_sizes
+from train.config import load_run_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Value types
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.lr_lora=1", "lr_lora", 1.0),
+    ("train.lr_lora=1e-4", "lr_lora", 1e-4),
+    ("lora.alpha=32", "alpha", 32.0),
+])
+def test_integers_pass_as_floats(override, key, expected):
+    config = load_run_config(DEFAULT_CONFIG, [override])
+    section = config.train if override.startswith("train.") else config.lora
+    value = getattr(section, key)
+    assert isinstance(value, float)
+    assert value == expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr_lora=abc", "train.lr_lora='abc' is invalid: expected a number, got str"),
+    ("train.lr_lora=true", "train.lr_lora=True is invalid: expected a number, got bool"),
+    ("max_steps=2.5", "max_steps=2.5 is invalid: expected an integer, got float"),
+    ("save_every=[1]", "save_every=[1] is invalid: expected an integer, got list"),
+    ("rotation.sites.R3.apply=maybe", "rotation.sites.R3.apply='maybe' is invalid: expected true or false"),
+    ("rotation.sites.R3.apply=1", "rotation.sites.R3.apply=1 is invalid: expected true or false"),
+    ("lora.targets=[1, 2]", "lora.targets=[1, 2] is invalid: expected a list of names"),
+    ("model.tokenizer=[a]", "model.tokenizer=['a'] is invalid: expected a string or null"),
+])
+def test_wrong_types_name_key_value_and_type(override, message):
+    with pytest.raises(UserError) as caught:
+        load_run_config(DEFAULT_CONFIG, [override])
+    assert message in str(caught.value)
+    assert "e.g." in str(caught.value)
+
+
+def test_comma_separated_targets():
+    assert load_run_config(DEFAULT_CONFIG, ["lora.targets=in_proj, out_proj"]).lora.targets == ("in_proj", "out_proj")
+    assert load_run_config(DEFAULT_CONFIG, ["lora.targets=x_proj"]).lora.targets == ("x_proj",)
+
+
+def test_null_section_takes_nested_override():
+    config = load_run_config(DEFAULT_CONFIG, ["quant.weight.bits=8"])
+    assert config.quant.weight.bits == 8
+
+
+def test_numbers_pass_as_strings():
+    assert load_run_config(DEFAULT_CONFIG, ["output_dir=2024"]).output_dir == "2024"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("calibration.batch_size=0", "calibration.batch_size=0 is invalid"),
+    ("data.max_eval_tokens=-1", "data.max_eval_tokens=-1 is invalid"),
+    ("model.device=gpu", "model.device='gpu' is invalid: expected auto, cpu, cuda or cuda:N"),
+    ("keep_checkpoints=-1", "(0: keep all)"),
+])
+def test_range_checks(override, message):
+    with pytest.raises(UserError) as caught:
+        load_run_config(DEFAULT_CONFIG, [override])
+    assert message in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument order
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return parse_arguments(build_parser(), list(argv))
+
+
+def test_overrides_before_and_after_options():
+    args = parse("train", "max_steps=0", "--json", "out.json", "save_every=0", "--resume_from_checkpoint", "latest",
+                 "log_every=1")
+    assert args.overrides == ["max_steps=0", "save_every=0", "log_every=1"]
+    assert args.json == "out.json"
+    assert args.resume_from_checkpoint == "latest"
+
+
+def test_unknown_option_still_rejected(capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse("train", "max_steps=0", "--bogus")
+    assert caught.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_overrides_refused_where_not_taken(capsys):
+    with pytest.raises(SystemExit):
+        parse("eval", "max_steps=0")
+    assert "unrecognized arguments: max_steps=0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Early Hadamard size check
+
+
+def test_hadamard_size_checked_with_full_key():
+    model_config = MambaConfig(vocab_size=64, d_model=48, n_layer=1, d_state=8, dt_rank=3)
+    rotation = RotationConfig(sites={"R5": SiteConfig(apply=True, init="klt_hadamard")})
+    with pytest.raises(UserError) as caught:
+        check_site_sizes(rotation, model_config)
+    message = str(caught.value)
+    assert "rotation.sites.R5.init=klt_hadamard needs a Hadamard matrix of size 3 (dt_rank of this model)" in message
+    assert "rotation.sites.R5.init=random" in message
+
+
+def test_hadamard_size_check_passes_supported_sizes():
+    model_config = MambaConfig(vocab_size=64, d_model=48, n_layer=1, d_state=8, dt_rank=12)
+    sites = {site: SiteConfig(apply=True, init="hadamard") for site in ("R1", "R2", "R4", "R5")}
+    check_site_sizes(RotationConfig(sites=sites), model_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Staged directory writes
+
+
+def test_staged_directory_refuses_a_file(tmp_path):
+    target = tmp_path / "out"
+    target.write_text("a file")
+    with pytest.raises(UserError, match="is a file"):
+        with staged_directory(target):
+            pass
+    assert target.read_text() == "a file"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_staged_directory_replaces_and_cleans(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with staged_directory(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(os.listdir(target)) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_staged_directory_failure_keeps_old(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_directory(target) as staging:
+            (staging / "new.txt").write_text("new")
+            raise RuntimeError("write failed")
+    assert sorted(os.listdir(target)) == ["old.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
