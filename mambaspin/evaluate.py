@@ -34,7 +34,7 @@ def check_vocab_fits(tokenizer, vocab_size: int, ids: torch.Tensor | None = None
         raise UserError(
             f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens (largest id in this text: "
             f"{largest}) but the model's vocabulary has {vocab_size} rows. Use the tokenizer the model "
-            "was trained with (--tokenizer DIR)."
+            "was trained with (--tokenizer DIR for eval, model.tokenizer=DIR in a run config)."
         )
 
 

@@ -64,8 +64,8 @@ def load_tokenizer(directory: str | Path) -> TextTokenizer:
     except (OSError, ValueError) as error:
         raise UserError(
             f"no tokenizer found in {directory}: expected tokenizer.json or files that "
-            "transformers.AutoTokenizer reads. Pass --tokenizer DIR (original mamba_ssm checkpoints "
-            "use the GPT-NeoX-20B tokenizer)."
+            "transformers.AutoTokenizer reads. Pass --tokenizer DIR to eval, or set model.tokenizer=DIR in a run config "
+            "(original mamba_ssm checkpoints use the GPT-NeoX-20B tokenizer)."
         ) from error
     return TextTokenizer(backend, str(directory))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mambaspin.cli import build_parser, parse_arguments
+from mambaspin.cli import build_parser, main, parse_arguments
 from mambaspin.config import MambaConfig
 from mambaspin.errors import UserError
 from mambaspin.io import staged_directory
@@ -163,3 +163,18 @@ def test_staged_directory_failure_keeps_old(tmp_path):
             raise RuntimeError("write failed")
     assert sorted(os.listdir(target)) == ["old.txt"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation arguments are checked before any loading
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ablate", "--inits", "kltt"], "--inits kltt is invalid: expected names from identity, hadamard"),
+    (["ablate", "--presets", "W3A3"], "unknown quantization preset 'W3A3'"),
+])
+def test_ablate_arguments_checked_first(tmp_path, capsys, argv, message):
+    status = main([*argv, f"output_dir={tmp_path / 'run'}"])
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mambaspin.errors import UserError
 from mambaspin.evaluate import evaluate_text
+from mambaspin.io import write_text_atomic
 from mambaspin.quant_model import QuantScheme, preset, quantize_model_ptq
 from rotations.calibration import SampleRecorder, collect_statistics, stat_key
-from rotations.config import SITES
+from rotations.config import INITS, SITES
 from rotations.fold import apply_rotations
 from rotations.klt import build_rotations
 
@@ -60,6 +62,11 @@ def ablation_variants(inits, presets):
 def ablate(config: RunConfig, out_dir=None, presets=PRESETS, inits=ABLATION_INITS, progress: bool = True) -> dict:
     """Run the ablation and write ablation.csv, ablation.md and channel-range plots into `out_dir`."""
     out_dir = Path(out_dir or Path(config.output_dir) / "ablation")
+    for name in presets:
+        preset(name)  # raises UserError naming the valid presets
+    unknown = [init for init in inits if init not in INITS]
+    if unknown:
+        raise UserError(f"--inits {','.join(unknown)} is invalid: expected names from {', '.join(INITS)}")
     inputs = load_inputs(config)
     calibration = load_or_run_calibration(config, inputs, SITES, progress)
     float_loss = ptq_loss(config, inputs, None, None, (), "none")
@@ -73,7 +80,7 @@ def ablate(config: RunConfig, out_dir=None, presets=PRESETS, inits=ABLATION_INIT
         logger.info("%s %s %s: loss %.4f (+%.4f)", name, label, init, loss, loss - float_loss)
     write_csv(out_dir / "ablation.csv", rows)
     table = markdown_table(rows, float_loss)
-    (out_dir / "ablation.md").write_text(table)
+    write_text_atomic(out_dir / "ablation.md", table)
     plots = plot_site_ranges(config, inputs, calibration, out_dir)
     return {"float_loss": float_loss, "rows": rows, "table": table, "plots": plots, "out": str(out_dir)}
 

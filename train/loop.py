@@ -30,6 +30,7 @@ from mambaspin.errors import NotSupportedError, UserError
 from mambaspin.evaluate import evaluate_text
 from mambaspin.io import write_json_atomic
 from mambaspin.quant_model import calibrate_act_quantizers
+from rotations.calibration import model_fingerprint
 from rotations.config import SITES
 from rotations.klt import build_rotations
 
@@ -167,8 +168,6 @@ def _validation_loss(config: RunConfig, model, inputs) -> float:
 
 def _prepare_model(config: RunConfig, accelerator, inputs) -> dict:
     """Calibrate, record the float and RTN baselines, and turn inputs.model into the QAT model."""
-    from rotations.calibration import model_fingerprint
-
     sites = config.rotation.needs_statistics()
     if accelerator.is_main_process:
         calibration = load_or_run_calibration(config, inputs, sites)
@@ -282,6 +281,8 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
     inputs = load_inputs(config)
+    if resume_from:  # before calibrating: a mismatch must not cost the user a calibration
+        _check_resume(path, config, model_fingerprint(inputs.model))
     baselines = _prepare_model(config, accelerator, inputs)
     fingerprint = identity_fingerprint(config, baselines["model_fingerprint"])
     model = inputs.model
@@ -294,8 +295,6 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
         model, rotation_opt, euclidean_opt, loader, *schedulers)
     state = TrainState()
     if resume_from:
-        path = resolve_checkpoint(config.output_dir, resume_from)
-        _check_resume(path, config, baselines["model_fingerprint"])
         _load_checkpoint(accelerator, path)
         state.load_state_dict(read_metadata(path)["state"])
         loader = accelerator.skip_first_batches(loader, state.step * config.train.grad_accum)

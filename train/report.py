@@ -92,7 +92,7 @@ def _training_section(runs: Path) -> list[str]:
         lines.append(f"| {preset} | {result['float']:.4f} | {result['rtn']:.4f} | {result['klt_ptq']:.4f} | "
                      f"{result['trained']:.4f} | {result['trained'] - result['float']:+.4f} | {result['steps']} | "
                      f"{result['tokens']:,} | {minutes} |")
-    lines += ["", "Validation loss in nats per token on the validation split (43,558 tokens). Commands: "
+    lines += ["", "Validation loss in nats per token on the whole validation split (the last 10% of the text). Commands: "
               "`mambaspin train` and `mambaspin train --config configs/w4a8.yaml`.", ""]
     ortho = _read_json(runs / "ortho1000" / "results.json")
     if ortho is not None:
@@ -170,7 +170,9 @@ def build_results_page(runs: Path, out: Path) -> Path:
     quality = runs / "bench" / "bench_quality"
     lines += ["## Methods compared", ""]
     if (quality / "quality.md").is_file():
-        lines += ["`python scripts/bench_quality.py output_dir=runs/bench max_steps=100 data.max_eval_tokens=10000`: loss on the first 10,000 validation tokens, trained rows with 100 steps of 8 x 256 tokens.", "",
+        lines += ["`python scripts/bench_quality.py output_dir=runs/bench max_steps=100 eval_every=0 save_every=0 "
+                  "data.max_eval_tokens=10000`: loss on the first 10,000 validation tokens; the trained rows give "
+                  "their steps and tokens.", "",
                   (quality / "quality.md").read_text(), ""]
         chart = _copy(quality / "quality.png", out)
         if chart:
