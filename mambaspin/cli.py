@@ -1,8 +1,9 @@
 """Command-line entry point `mambaspin`: parses arguments and calls the library.
 
 User errors (`UserError`) print one line and exit with status 2, without a traceback. A training
-run stopped by a NaN or infinite loss (`FloatingPointError`) prints one line too and exits with status 3,
-and Ctrl-C exits with status 130. key=value overrides may come before or after the options.
+run stopped by a NaN or infinite loss (`FloatingPointError`) prints one line too and exits with
+status 3; Ctrl-C exits with status 130 and SIGTERM with 143, after staged writes are cleaned up.
+key=value overrides may come before or after the options.
 Every subcommand takes `--json PATH` and writes its results there too.
 """
 
@@ -12,7 +13,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 from .data import DEFAULT_TEXT, SHIPPED_DIR
 from .errors import UserError
@@ -179,8 +182,18 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     return args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop) turned into an exception, so that staged writes clean up."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = args.handler(args)
@@ -194,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as error:  # training stopped on a NaN or infinite loss
         print(f"mambaspin {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print(f"mambaspin {args.command}: interrupted; completed checkpoints and outputs are kept, "
+    except KeyboardInterrupt as stop:
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"mambaspin {args.command}: {how}; completed checkpoints and outputs are kept, "
               "nothing half-written is left", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     return 0
 
 

@@ -525,18 +525,20 @@ def test_overrides_after_options(workspace, tmp_path):
     assert json.loads(report.read_text())["steps"] == 1
 
 
-def test_ctrl_c_exits_130_without_traceback(workspace, tmp_path):
+@pytest.mark.parametrize("stop, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_stop_signal_exits_cleanly(workspace, tmp_path, stop, status, word):
     output_dir = tmp_path / "run"
     arguments = [argument for argument in slow_run_arguments(workspace, output_dir) if argument != "max_steps=8"]
     process = start_training([*arguments, "max_steps=200"], tmp_path / "log.txt")
     deadline = time.time() + CLI_TIMEOUT_SECONDS
     while not (checkpoint_root(output_dir) / "step_2").is_dir() and time.time() < deadline and process.poll() is None:
         time.sleep(POLL_SECONDS)
-    process.send_signal(signal.SIGINT)
-    status = process.wait(timeout=CLI_TIMEOUT_SECONDS)
+    process.send_signal(stop)
+    returncode = process.wait(timeout=CLI_TIMEOUT_SECONDS)
     log = (tmp_path / "log.txt").read_text()
-    assert status == 130, log[-3000:]
+    assert returncode == status, log[-3000:]
     assert "Traceback" not in log
-    assert "mambaspin train: interrupted" in log
+    assert f"mambaspin train: {word}" in log
     assert (checkpoint_root(output_dir) / "step_2" / MARKER).is_file()
     assert [path for path in output_dir.rglob("*.tmp")] == []
