@@ -80,7 +80,11 @@ def run_calibrate(args) -> dict:
     from train.config import load_run_config
 
     config = load_run_config(args.config, args.overrides)
-    sites = args.sites.split(",") if args.sites else None
+    sites = None
+    if args.sites is not None:
+        sites = [site.strip() for site in args.sites.split(",") if site.strip()]
+        if not sites:
+            raise UserError("--sites is empty: name sites such as R1,R2, or leave the option out to collect all six")
     report = calibrate(config, args.out, sites)
     print(f"calibration saved to {report['out']} ({report['key']['tokens']} tokens)")
     print("site  layer  spread before  after K·H (uncentred)  after K·H (centred)   [max/mean channel E[x²]]")
@@ -153,6 +157,9 @@ def run_merge(args) -> dict:
 
     report = merge(args.run, args.out, args.checkpoint, args.format, args.overwrite, args.gptq)
     print(f"merged {report['checkpoint']} into {report['out']} ({report['format']} format)")
+    if report["format"] == "hf":
+        print("note: the hf format holds float weights (rotations and LoRA folded in, no quantization), so its loss "
+              "is that of the rotated float model, not the quantized one trained")
     return report
 
 
@@ -190,29 +197,45 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_arguments(build_parser(), argv)
+def run_guarded(name: str, function) -> int:
+    """Call `function()` and turn user errors, a NaN stop, Ctrl-C and SIGTERM into one line and an exit status."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = args.handler(args)
-        if getattr(args, "json", None) and int(os.environ.get("RANK", "0")) == 0:
-            from .io import write_json_atomic
-
-            write_json_atomic(args.json, report)
+        function()
     except UserError as error:
-        print(f"mambaspin {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{name}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except FloatingPointError as error:  # training stopped on a NaN or infinite loss
-        print(f"mambaspin {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{name}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as stop:
         how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-        print(f"mambaspin {args.command}: {how}; completed checkpoints and outputs are kept, "
-              "nothing half-written is left", file=sys.stderr)
+        print(f"{name}: {how}; completed checkpoints and outputs are kept, nothing half-written is left",
+              file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     return 0
+
+
+def check_json_path(path: str | None) -> None:
+    """Refuse a --json path that cannot take a file, before the work whose result it would hold."""
+    if path is not None and os.path.isdir(path):
+        raise UserError(f"--json {path} is a directory; pass a file path such as {os.path.join(path, 'results.json')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(build_parser(), argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def run() -> None:
+        check_json_path(args.json)
+        report = args.handler(args)
+        if args.json and int(os.environ.get("RANK", "0")) == 0:
+            from .io import write_json_atomic
+
+            write_json_atomic(args.json, report)
+
+    return run_guarded(f"mambaspin {args.command}", run)
 
 
 if __name__ == "__main__":

@@ -180,10 +180,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config file into a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config path {path} is a directory; pass a YAML file, e.g. configs/default.yaml")
     if not path.is_file():
         raise UserError(f"config file not found: {path}. Pass --config with an existing YAML file (see configs/).")
     try:
-        raw = _load_yaml_text(path.read_text())
+        raw = _load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {error}") from error
     if raw is not None and not isinstance(raw, dict):

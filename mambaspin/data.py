@@ -49,7 +49,11 @@ def load_text_splits(source: str | os.PathLike, train_fraction: float = 0.9, tex
     """
     path = Path(resolve_path(source))
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"text file {path} is not UTF-8 ({error.reason} at byte {error.start}); convert it, "
+                            f"e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from error
         cut = int(len(text) * train_fraction)
         return TextSplits(train=text[:cut], validation=text[cut:], source=str(path))
     if path.suffix in {".txt", ".text", ".md"} or (not path.exists() and os.sep in str(source)):

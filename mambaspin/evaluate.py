@@ -53,7 +53,7 @@ def evaluate_ids(model, ids: torch.Tensor, block_size: int, batch_size: int = 8,
     if ids.numel() < block_size + 1:
         raise UserError(
             f"the evaluation text has {ids.numel()} tokens, fewer than one block of {block_size} + 1. "
-            "Use a longer text or a smaller --block-size."
+            "Use a longer text or a smaller block size (--block-size in eval, data.block_size in a run config)."
         )
     device = next(model.parameters()).device
     starts = window_starts(ids.numel(), block_size)

@@ -40,12 +40,21 @@ ONLINE_SITES = ("R2", "R3", "R4", "R6", "smooth")
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int4 codes two per byte when bits <= 4 (in even), else the int8/uint8 codes unchanged."""
-    return pack_int4(codes) if bits <= 4 else codes
+    """Pack codes (out, in) two per byte when bits <= 4, else return the int8/uint8 codes unchanged.
+
+    An odd `in` (dt_proj's input is dt_rank wide, which may be odd) gets one zero code appended
+    before packing; `unpack_codes` cuts it off again.
+    """
+    if bits > 4:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return pack_int4(codes)
 
 
-def unpack_codes(stored: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    return unpack_int4(stored, signed=symmetric) if bits <= 4 else stored
+def unpack_codes(stored: torch.Tensor, bits: int, symmetric: bool, width: int) -> torch.Tensor:
+    """Reverse `pack_codes` for a weight whose last dimension is `width`."""
+    return unpack_int4(stored, signed=symmetric)[..., :width] if bits <= 4 else stored
 
 
 def quantization_config(scheme: QuantScheme, online: dict, smooth: bool) -> dict:
@@ -118,7 +127,8 @@ def _load_linear(linear: nn.Linear, prefix: str, tensors: dict, scheme: QuantSch
     with torch.no_grad():
         if quantized:
             cfg = scheme.weight
-            codes = unpack_codes(_take(tensors, f"{prefix}.qweight", directory), cfg.bits, cfg.symmetric)
+            codes = unpack_codes(_take(tensors, f"{prefix}.qweight", directory), cfg.bits, cfg.symmetric,
+                                 linear.in_features)
             scale = _take(tensors, f"{prefix}.scale", directory)
             zero = tensors.pop(f"{prefix}.zero", None)
             linear.weight.copy_(dequantize_weight(codes, scale, zero, cfg))

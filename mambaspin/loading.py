@@ -77,7 +77,11 @@ def read_config(directory: Path) -> MambaConfig:
     """Read config.json of a Mamba-1 checkpoint in either format."""
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{directory} holds no config.json; expected a Mamba-1 checkpoint directory")
+        hint = ""
+        if (Path(directory) / "checkpoints").is_dir():
+            hint = (f"; it looks like a training run: merge it first with `mambaspin merge --run {directory} "
+                    f"--out {Path(directory) / 'quantized'}` and load that")
+        raise UserError(f"{directory} holds no config.json; expected a Mamba-1 checkpoint directory{hint}")
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:

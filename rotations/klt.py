@@ -143,6 +143,12 @@ def check_site_sizes(config: RotationConfig, model_config) -> None:
                             f"For example rotation.sites.{site}.init=random, or rotation.sites.{site}.apply=false.")
 
 
+def hadamard_sites(sites, model_config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split `sites` into those whose size has a Hadamard matrix and those whose size has none."""
+    kept = tuple(site for site in sites if is_hadamard_size(site_size(site, model_config)))
+    return kept, tuple(site for site in sites if site not in kept)
+
+
 def build_rotations(config: RotationConfig, model, calibration=None) -> RotationSet:
     """Build every applied site's matrix; each layer's KLT comes from that layer's own statistics."""
     model_config = model.config

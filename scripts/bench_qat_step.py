@@ -4,8 +4,9 @@ python scripts/bench_qat_step.py [--config configs/default.yaml] [--repeats 5] [
 """
 
 import argparse
+import sys
 
-from mambaspin.cli import DEFAULT_CONFIG
+from mambaspin.cli import DEFAULT_CONFIG, run_guarded
 from mambaspin.io import write_json_atomic
 from train.bench import qat_step_benchmark
 from train.config import load_run_config
@@ -30,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded("bench_qat_step.py", main))

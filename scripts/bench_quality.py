@@ -7,8 +7,9 @@ Writes quality.md, quality.csv, quality.json and quality.png into --out (default
 
 import argparse
 import logging
+import sys
 
-from mambaspin.cli import DEFAULT_CONFIG
+from mambaspin.cli import DEFAULT_CONFIG, run_guarded
 from train.config import load_run_config
 from train.quality import METHODS, quality_benchmark
 
@@ -30,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded("bench_quality.py", main))

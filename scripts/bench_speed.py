@@ -11,13 +11,14 @@ On a shared machine, set OMP_NUM_THREADS=1 for steadier numbers.
 
 import argparse
 import logging
+import sys
 
 from mambaspin.bench import benchmark_environment, format_scan_table, scan_benchmark
-from mambaspin.cli import DEFAULT_CONFIG
+from mambaspin.cli import DEFAULT_CONFIG, run_guarded
 from mambaspin.io import write_json_atomic
 from train.bench import qat_step_benchmark
 from train.config import load_run_config
-from train.speed import calibration_memory_benchmark, cayley_benchmark, inference_benchmark
+from train.speed import calibration_memory_benchmark, cayley_benchmark, inference_benchmark, read_earlier_results
 
 PARTS = ("scan", "qat_step", "calibration_memory", "cayley", "inference")
 
@@ -26,7 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
-    parser.add_argument("--skip", default="", help=f"comma-separated parts to skip, from {', '.join(PARTS)}")
+    parser.add_argument("--skip", default="",
+                        help=f"comma-separated parts to skip, from {', '.join(PARTS)}; with --json, the skipped parts "
+                             "keep the results an earlier run wrote there")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
     parser.add_argument("--merged", default=None,
                         help="merged checkpoint to time for inference (default: export the untrained rotations)")
@@ -35,7 +38,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     skip = set(filter(None, args.skip.split(",")))
     config = load_run_config(args.config, args.overrides)
-    results = {"environment": benchmark_environment()}
+    results = read_earlier_results(args.json) if skip else {}
+    results["environment"] = benchmark_environment()
 
     if "scan" not in skip:
         results["scan"] = scan_benchmark([256, 384, 768], 16, 128, 16, args.repeats)
@@ -47,7 +51,8 @@ def main() -> None:
     if "calibration_memory" not in skip:
         results["calibration_memory"] = rows = calibration_memory_benchmark(args.config, args.overrides)
         for row in rows:
-            print(f"calibration {row['tokens']} tokens: peak {row['max_rss_mb']:.0f} MB ({row['ratio_to_smallest']:.2f}x smallest)")
+            print(f"calibration {row['tokens']} tokens: +{row['growth_mb']:.0f} MB over the loaded model and data "
+                  f"({row['ratio_to_smallest']:.2f}x smallest)")
     if "cayley" not in skip:
         results["cayley"] = rows = cayley_benchmark(repeats=args.repeats)
         for row in rows:
@@ -61,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded("bench_speed.py", main))

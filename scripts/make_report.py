@@ -11,8 +11,10 @@ input is listed as not run.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
+from mambaspin.cli import run_guarded
 from train.report import build_results_page, readme_results_section, update_readme
 
 
@@ -29,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded("make_report.py", main))

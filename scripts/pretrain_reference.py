@@ -4,7 +4,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 
+from mambaspin.cli import run_guarded
 from mambaspin.pretrain import PretrainConfig, pretrain
 
 
@@ -19,4 +21,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded("pretrain_reference.py", main))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +15,17 @@ import torch
 from conftest import perturb_parameters
 from mambaspin.bench import scan_benchmark
 from mambaspin.config import MambaConfig
+from mambaspin.errors import UserError
 from mambaspin.export import load_quantized
 from mambaspin.loading import save_model
 from mambaspin.model import MambaLM
 from mambaspin.tokenizer import train_byte_level_bpe
+from train.ablate import ablation_variants, site_label
 from train.config import load_run_config
 from train.inputs import load_inputs, load_or_run_calibration
-from train.quality import METHODS, quality_benchmark
-from train.report import README_END, README_START, readme_results_section, update_readme
-from train.speed import cayley_benchmark, export_ptq_model, inference_benchmark
+from train.quality import METHODS, method_sites, quality_benchmark
+from train.report import README_END, README_START, build_results_page, readme_results_section, update_readme
+from train.speed import calibration_memory_benchmark, cayley_benchmark, export_ptq_model, inference_benchmark
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -185,3 +189,89 @@ def test_update_readme_needs_markers(tmp_path):
     with pytest.raises(ValueError, match="no results markers"):
         update_readme(readme, "section")
     assert readme.read_text() == "# title\n"
+
+
+def test_report_refuses_missing_runs_dir(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        readme_results_section(tmp_path / "no_runs", tmp_path / "docs")
+
+
+def test_report_refuses_empty_runs_dir(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match="holds none of the benchmark outputs"):
+        build_results_page(tmp_path / "runs", tmp_path / "docs")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ("[]", "holds a JSON list, expected an object"),
+    ('{"float": 3.8}', "a field is missing or malformed"),
+    ('{"float": 3.8, "rtn": "x", "klt_ptq": 1, "trained": 1, "steps": 1, "tokens": 1}', "a field is missing or malformed"),
+])
+def test_report_names_the_bad_file(tmp_path, content, message):
+    runs = fake_runs(tmp_path, w4a4_gap=0.01, qat_ratio=1.2)
+    bad = runs / "default" / "results.json"
+    bad.write_text(content)
+    for build in (readme_results_section, build_results_page):
+        with pytest.raises(UserError) as caught:
+            build(runs, tmp_path / "docs")
+        assert message in str(caught.value)
+        assert str(bad) in str(caught.value)
+
+
+def test_make_report_script_error_is_one_line(tmp_path):
+    completed = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_report.py"), "--runs",
+                                str(tmp_path / "missing"), "--out", str(tmp_path / "docs"), "--readme",
+                                str(tmp_path / "README.md")], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines() == [
+        f"make_report.py: error: runs directory {tmp_path / 'missing'} does not exist; pass --runs with the "
+        "directory the benchmarks wrote to"]
+
+
+def test_quality_settings_recorded(quality):
+    settings = json.loads((Path(quality["out"]) / "quality.json").read_text())["settings"]
+    assert settings["sites"] == ["R1", "R2", "R5", "R6"]
+    assert settings["max_steps"] == 1
+    assert settings["max_eval_tokens"] == 300
+    assert settings["tokens_per_step"] == 2 * 32
+
+
+def test_quality_rejects_unknown_method_before_work(workspace, tmp_path):
+    config = tiny_config(workspace, tmp_path / "run")
+    with pytest.raises(UserError, match="--methods foo is invalid: expected names from rtn,hadamard"):
+        quality_benchmark(config, ("W8A8",), ("rtn", "foo"), gptq=False, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_hadamard_methods_skip_sites_without_hadamard_size():
+    config = MambaConfig(vocab_size=64, d_model=40, n_layer=1, d_state=4, dt_rank=5)
+    assert method_sites("hadamard", ("R1", "R2", "R5"), config) == ("R1", "R2")
+    assert method_sites("klt_hadamard", ("R5",), config) == ()
+    assert method_sites("learned", ("R1", "R5"), config) == ("R1", "R5")
+    assert method_sites("rtn", ("R1", "R5"), config) == ()
+
+
+def test_ablation_variants_skip_sites_without_hadamard_size():
+    config = MambaConfig(vocab_size=64, d_model=40, n_layer=1, d_state=4, dt_rank=5)
+    variants = ablation_variants(("hadamard", "klt"), ("W4A4",), config)
+    hadamard_rows = [sites for _, sites, init in variants if init == "hadamard"]
+    klt_rows = [sites for _, sites, init in variants if init == "klt"]
+    assert ("R5",) not in hadamard_rows
+    assert hadamard_rows[-1] == ("R1", "R2", "R3", "R4", "R6")
+    assert site_label(hadamard_rows[-1]) == "R1+R2+R3+R4+R6"
+    assert ("R5",) in klt_rows
+    assert site_label(klt_rows[-1]) == "all"
+
+
+def test_calibration_memory_rows(workspace, tmp_path):
+    overrides = [f"model.path={workspace['model_dir']}", f"data.text={workspace['text_file']}", "data.block_size=32",
+                 f"output_dir={tmp_path / 'run'}"]
+    rows = calibration_memory_benchmark(str(DEFAULT_CONFIG), overrides, block_counts=(2, 4))
+    assert [row["tokens"] for row in rows] == [2 * 32, 4 * 32]
+    for row in rows:
+        assert row["growth_mb"] == pytest.approx(row["calibration_peak_mb"] - row["rss_before_mb"])
+        assert row["growth_mb"] >= 0
+    assert rows[0]["ratio_to_smallest"] == 1.0

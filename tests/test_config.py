@@ -178,3 +178,57 @@ def test_ablate_arguments_checked_first(tmp_path, capsys, argv, message):
     assert status == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs refused before any work
+
+
+def test_json_path_that_is_a_directory(tmp_path, capsys):
+    status = main(["calibrate", "--json", str(tmp_path), f"output_dir={tmp_path / 'run'}"])
+    assert status == 2
+    assert f"--json {tmp_path} is a directory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_sites(tmp_path, capsys):
+    status = main(["calibrate", "--sites", " , ", f"output_dir={tmp_path / 'run'}"])
+    assert status == 2
+    assert "--sites is empty" in capsys.readouterr().err
+
+
+def test_text_not_utf8(tmp_path):
+    from mambaspin.data import load_text_splits
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
+    with pytest.raises(UserError, match=r"is not UTF-8 .* iconv -f latin1"):
+        load_text_splits(latin1)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "is a directory; pass a YAML file"),
+    (b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    (b"base: [a.yaml]\n", "base=['a.yaml'] is invalid: expected one file name"),
+])
+def test_bad_config_files(tmp_path, content, message):
+    path = tmp_path / "config.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_run_config(path)
+
+
+def test_empty_model_path():
+    with pytest.raises(UserError, match="model.path='' is invalid"):
+        load_run_config(DEFAULT_CONFIG, ["model.path="])
+
+
+def test_run_dir_as_model_suggests_merge(tmp_path):
+    from mambaspin.loading import load_model
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match="looks like a training run: merge it first"):
+        load_model(tmp_path / "run")

@@ -26,7 +26,7 @@ from mambaspin.config import MambaConfig
 from mambaspin.data import load_text_splits
 from mambaspin.errors import NotSupportedError, UserError
 from mambaspin.evaluate import evaluate_text
-from mambaspin.export import is_quantized_dir, load_quantized
+from mambaspin.export import pack_codes, unpack_codes, is_quantized_dir, load_quantized
 from mambaspin.loading import load_model, save_model
 from mambaspin.model import MambaLM
 from mambaspin.qat import QATLinear
@@ -182,6 +182,31 @@ def test_round_trip_logits(merged, preset):
     assert error <= LOGITS_RTOL, f"{preset}: relative logits error {error:.2e}"
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("width", [1, 5, 6])
+def test_pack_codes_round_trip(symmetric, width):
+    generator = torch.Generator().manual_seed(width)
+    low, high = (-8, 8) if symmetric else (0, 16)
+    codes = torch.randint(low, high, (3, width), generator=generator, dtype=torch.int8 if symmetric else torch.uint8)
+    packed = pack_codes(codes, bits=4)
+    assert packed.shape == (3, (width + 1) // 2)
+    assert torch.equal(unpack_codes(packed, 4, symmetric, width), codes)
+
+
+def test_round_trip_odd_dt_rank(workspace, tmp_path):
+    """dt_proj's input is dt_rank wide; an odd width is padded by one code when packing 4-bit codes."""
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(vocab_size=VOCAB, d_model=40, n_layer=1, d_state=4, dt_rank=5))
+    perturb_parameters(model, seed=0)
+    model_dir = save_model(model, tmp_path / "model", workspace["tokenizer"])
+    run = train_run(model_dir, workspace["text_file"], tmp_path / "run", "quant.preset=W4A4",
+                    "rotation.sites.R5.init=klt", "rotation.sites.R1.init=klt")
+    merged_dir = merge(run, tmp_path / "merged")["out"]
+    _, reference, _, _ = load_trained(run)
+    ids = sample_ids()
+    assert torch.equal(logits_of(load_quantized(merged_dir), ids), logits_of(reference, ids))
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_round_trip_loss(merged, workspace, preset):
     run, merged_dir = merged(f"quant.preset={preset}")
@@ -313,15 +338,23 @@ def test_merge_overwrites_when_asked(trained, tmp_path):
     assert not (out / "stale.txt").exists()
 
 
-@pytest.mark.parametrize("where", ["run", "parent", "checkpoints", "checkpoint"])
-def test_merge_refuses_out_that_holds_the_run(trained, tmp_path, where):
+@pytest.mark.parametrize("where", ["run", "parent", "checkpoints", "checkpoint", "calibration", "other_run",
+                                   "base_model"])
+def test_merge_refuses_out_that_holds_the_run(trained, workspace, tmp_path, where):
     run = Path(shutil.copytree(trained("quant.preset=W4A4"), tmp_path / "runs" / "run"))
+    other = Path(shutil.copytree(run, tmp_path / "runs" / "other"))
+    checkpoint = "latest"
     out = {"run": run, "parent": run.parent, "checkpoints": run / "checkpoints",
-           "checkpoint": run / "checkpoints" / "step_2"}[where]
+           "checkpoint": run / "checkpoints" / "step_2", "calibration": run / "calibration",
+           "other_run": other, "base_model": workspace["model_dir"]}[where]
+    if where == "other_run":
+        checkpoint = str(other / "checkpoints" / "step_2")
     before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    model_before = sorted(os.listdir(workspace["model_dir"]))
     with pytest.raises(UserError, match="--out"):
-        merge(run, out, overwrite=True)
+        merge(run, out, checkpoint=checkpoint, overwrite=True)
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
+    assert sorted(os.listdir(workspace["model_dir"])) == model_before
 
 
 def test_merge_refuses_out_that_is_a_file(trained, tmp_path):

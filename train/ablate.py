@@ -21,7 +21,7 @@ from mambaspin.quant_model import QuantScheme, preset, quantize_model_ptq
 from rotations.calibration import SampleRecorder, collect_statistics, stat_key
 from rotations.config import INITS, SITES
 from rotations.fold import apply_rotations
-from rotations.klt import build_rotations
+from rotations.klt import build_rotations, hadamard_sites
 
 from .config import RunConfig
 from .inputs import RunInputs, load_inputs, load_or_run_calibration
@@ -48,15 +48,34 @@ def ptq_loss(config: RunConfig, inputs: RunInputs, calibration, scheme: QuantSch
     return result.loss_per_token
 
 
-def ablation_variants(inits, presets):
-    """(preset, sites, init) of every row: none, each site alone and all sites, per init."""
+def ablation_variants(inits, presets, model_config=None):
+    """(preset, sites, init) of every row: none, each site alone and all sites, per init.
+
+    With `model_config`, Hadamard-based inits skip the sites whose size has no Hadamard matrix
+    (an odd dt_rank, say); their "all" row then holds the other sites.
+    """
+    skipped = set()
     variants = []
     for name in presets:
         variants.append((name, (), "none"))
         for init in inits:
-            variants += [(name, (site,), init) for site in SITES]
-            variants.append((name, SITES, init))
+            sites = SITES
+            if model_config is not None and init in ("hadamard", "klt_hadamard"):
+                sites, missing = hadamard_sites(SITES, model_config)
+                skipped.update((site, init) for site in missing)
+            variants += [(name, (site,), init) for site in sites]
+            variants.append((name, sites, init))
+    if skipped:
+        logger.warning("no Hadamard matrix for the size of %s: those rows are left out and the 'all' rows hold the "
+                       "other sites", ", ".join(f"{site} with init {init}" for site, init in sorted(skipped)))
     return variants
+
+
+def site_label(sites) -> str:
+    """Row label: none, the one site, all, or the sites joined by +."""
+    if not sites:
+        return "none"
+    return "all" if len(sites) == len(SITES) else "+".join(sites)
 
 
 def ablate(config: RunConfig, out_dir=None, presets=PRESETS, inits=ABLATION_INITS, progress: bool = True) -> dict:
@@ -71,11 +90,12 @@ def ablate(config: RunConfig, out_dir=None, presets=PRESETS, inits=ABLATION_INIT
     calibration = load_or_run_calibration(config, inputs, SITES, progress)
     float_loss = ptq_loss(config, inputs, None, None, (), "none")
     rows = []
-    for name, sites, init in tqdm(ablation_variants(inits, presets), desc="ablate", disable=not progress):
+    for name, sites, init in tqdm(ablation_variants(inits, presets, inputs.model.config), desc="ablate",
+                                  disable=not progress):
         scheme = preset(name)
         scheme = QuantScheme(scheme.weight, scheme.act, config.quant.lm_head, config.quant.ssm_inputs)
         loss = ptq_loss(config, inputs, calibration, scheme, sites, init)
-        label = "none" if not sites else ("all" if len(sites) == len(SITES) else sites[0])
+        label = site_label(sites)
         rows.append({"preset": name, "sites": label, "init": init, "loss": loss, "delta": loss - float_loss})
         logger.info("%s %s %s: loss %.4f (+%.4f)", name, label, init, loss, loss - float_loss)
     write_csv(out_dir / "ablation.csv", rows)
@@ -87,12 +107,13 @@ def ablate(config: RunConfig, out_dir=None, presets=PRESETS, inits=ABLATION_INIT
 
 @torch.no_grad()
 def plot_site_ranges(config: RunConfig, inputs: RunInputs, calibration, out_dir: Path, layer: int = 0) -> list[str]:
-    """Per-channel max |x| before and after the KLT-enhanced rotation at each site (layer 0)."""
+    """Per-channel max |x| before and after the KLT-enhanced rotation at each site with a Hadamard size (layer 0)."""
     blocks = inputs.calibration_blocks[:4]
     recorders = collect_statistics(inputs.model, blocks, SITES, progress=False, make=SampleRecorder)
-    rotation = build_rotations(config.rotation.with_sites(SITES, "klt_hadamard"), inputs.model, calibration)
+    sites, _ = hadamard_sites(SITES, inputs.model.config)
+    rotation = build_rotations(config.rotation.with_sites(sites, "klt_hadamard"), inputs.model, calibration)
     panels = []
-    for site in SITES:
+    for site in sites:
         samples = recorders[stat_key(site, None if site == "R1" else layer)].samples()  # (n, d)
         matrix = rotation.get(site, layer)
         panels.append((site, samples.abs().amax(0), (samples @ matrix).abs().amax(0)))

@@ -33,6 +33,8 @@ class ModelSection:
     device: str = "auto"
 
     def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise UserError(f"model.path={self.path!r} is invalid: expected a checkpoint directory or a hub id")
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
         if self.device != "auto" and not any(self.device == kind or self.device.startswith(kind + ":")
@@ -215,6 +217,8 @@ def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base:
+        raise UserError(f"config {path}: base={base!r} is invalid: expected one file name, e.g. base: default.yaml")
     return _merge(read_config_file(path.parent / base, seen + (path,)), raw)
 
 

@@ -11,10 +11,7 @@ from mambaspin.data import calibration_blocks, load_text_splits, pack_blocks
 from mambaspin.evaluate import check_vocab_fits
 from mambaspin.loading import load_model, resolve_model_dir
 from mambaspin.tokenizer import load_tokenizer
-from lora.adapters import check_targets
 from rotations.calibration import Calibration, collect_statistics, data_fingerprint, model_fingerprint, read_key
-
-from rotations.klt import check_site_sizes
 
 from .config import DTYPES, RunConfig
 
@@ -40,8 +37,6 @@ def load_inputs(config: RunConfig) -> RunInputs:
     """Load model, tokenizer and splits as the config says; checks that they fit each other."""
     model_dir = resolve_model_dir(config.model.path)
     model = load_model(model_dir, dtype=DTYPES[config.model.dtype], device=config.model.torch_device())
-    check_site_sizes(config.rotation, model.config)
-    check_targets(model, config.lora.settings())
     tokenizer = load_tokenizer(config.model.tokenizer or model_dir)
     splits = load_text_splits(config.data.text, config.data.train_fraction, config.data.text_column)
     train_ids = tokenizer.encode(splits.train)

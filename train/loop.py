@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from mambaspin.errors import NotSupportedError, UserError
 from mambaspin.evaluate import evaluate_text
 from mambaspin.io import write_json_atomic
+from lora.adapters import check_targets
 from mambaspin.quant_model import calibrate_act_quantizers
 from rotations.calibration import model_fingerprint
 from rotations.config import SITES
-from rotations.klt import build_rotations
+from rotations.klt import build_rotations, check_site_sizes
 
 from .ablate import ptq_loss
 from .checkpoints import checkpoint_root, complete_checkpoints, read_metadata, resolve_checkpoint, save_checkpoint
@@ -250,6 +251,12 @@ def _make_output_dir(path: str) -> None:
         raise UserError(f"output_dir {path} is not writable; set output_dir to a writable directory")
 
 
+def check_run_fits_model(config: RunConfig, model) -> None:
+    """Raise UserError, before any calibration, when the rotation inits or LoRA ranks cannot be built for `model`."""
+    check_site_sizes(config.rotation, model.config)
+    check_targets(model, config.lora.settings())
+
+
 def _check_fresh_output_dir(config: RunConfig) -> None:
     """Refuse to start a new run over an earlier run's checkpoints.
 
@@ -281,6 +288,7 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
     inputs = load_inputs(config)
+    check_run_fits_model(config, inputs.model)
     if resume_from:  # before calibrating: a mismatch must not cost the user a calibration
         _check_resume(path, config, model_fingerprint(inputs.model))
     baselines = _prepare_model(config, accelerator, inputs)
@@ -306,7 +314,9 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
                          inputs, metadata, progress)
     if config.save_every == 0 or state.step % config.save_every:
         _save(config, accelerator, model, state, metadata)
-    results = {**baselines, "trained": _validation_loss(config, accelerator.unwrap_model(model), inputs),
+    results = {**baselines, "model": config.model.path, "preset": config.quant.preset,
+               "sites": list(config.rotation.applied),
+               "trained": _validation_loss(config, accelerator.unwrap_model(model), inputs),
                "minutes": (time.time() - started) / 60,
                "steps": state.step, "tokens": state.tokens, "history": history,
                "orthogonality_error": accelerator.unwrap_model(model).rotations.max_orthogonality_error()}

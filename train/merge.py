@@ -189,17 +189,23 @@ def merge_readme(config: RunConfig, checkpoint: Path, fmt: str) -> str:
             "Load with `mambaspin.export.load_quantized(DIR)` or evaluate with `mambaspin eval --model DIR`.\n")
 
 
-def check_out_dir(run_dir: str | Path, out_dir: str | Path) -> None:
-    """Refuse an --out whose replacement would delete the run: the run itself, a folder above it,
-    or a place inside its checkpoints."""
-    run, out = Path(run_dir).resolve(), Path(out_dir).resolve()
-    if out == run or out in run.parents:
-        raise UserError(f"--out {out_dir} would replace the run directory {run_dir} it is merged from; "
-                        f"choose an --out outside it or below it, e.g. {Path(run_dir) / 'quantized'}")
-    checkpoints = (run / "checkpoints").resolve()
-    if out == checkpoints or checkpoints in out.parents:
-        raise UserError(f"--out {out_dir} is inside the run's checkpoints ({checkpoints}); "
-                        f"choose another --out, e.g. {Path(run_dir) / 'quantized'}")
+def check_out_dir(out_dir: str | Path, run_dirs: list[Path], config: RunConfig) -> None:
+    """Refuse an --out whose replacement would delete what the merge reads or the run keeps: a run
+    directory or a folder above it, anything inside its checkpoints or calibration, or the base model."""
+    out = Path(out_dir).resolve()
+    example = Path(run_dirs[0]) / "quantized"
+    protected = [(Path(run).resolve(), f"the run directory {run}") for run in run_dirs]
+    protected.append((config.calibration_dir.resolve(), f"the run's calibration {config.calibration_dir}"))
+    model_dir = Path(config.model.path)
+    if model_dir.is_dir():
+        protected.append((model_dir.resolve(), f"the base model {config.model.path}"))
+    for path, what in protected:
+        if out == path or out in path.parents:
+            raise UserError(f"--out {out_dir} would replace {what}; choose another --out, e.g. {example}")
+    for run in run_dirs:
+        for inner in (Path(run) / "checkpoints", Path(run) / "calibration"):
+            if out == inner.resolve() or inner.resolve() in out.parents:
+                raise UserError(f"--out {out_dir} is {inner} or inside it; choose another --out, e.g. {example}")
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", fmt: str = "mambaspin",
@@ -212,7 +218,9 @@ def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", 
     """
     if fmt not in ("mambaspin", "hf"):
         raise UserError(f"--format {fmt!r} is invalid: expected mambaspin or hf")
-    check_out_dir(run_dir, out_dir)
+    path = resolve_checkpoint(run_dir, checkpoint, hint="pass the output_dir of a training run to --run")
+    run_config = configtools.build(RunConfig, read_metadata(path)["config"])
+    check_out_dir(out_dir, [Path(run_dir), path.parent.parent], run_config)
     config, model, tokenizer, path = load_trained(run_dir, checkpoint)
     if fmt == "hf":
         online = online_sites(config)

@@ -16,15 +16,18 @@ import logging
 import shutil
 from pathlib import Path
 
+from mambaspin.errors import UserError
 from mambaspin.evaluate import evaluate_text
 from mambaspin.export import load_quantized
 from mambaspin.io import write_json_atomic, write_text_atomic
+from mambaspin.quant_model import preset
+from rotations.klt import hadamard_sites
 
 from .ablate import ptq_loss
 from .checkpoints import checkpoint_root
 from .config import QuantSection, RunConfig
 from .inputs import load_inputs, load_or_run_calibration
-from .loop import train
+from .loop import check_run_fits_model, train
 from .merge import merge
 from .report import write_csv
 
@@ -55,42 +58,76 @@ def _trained_losses(config: RunConfig, method: str, out_dir: Path, gptq: bool) -
     return losses
 
 
+def check_benchmark(config: RunConfig, presets, methods, model) -> None:
+    """Raise UserError for an unknown preset or method, or a trained method that cannot be built, before any work."""
+    for name in presets:
+        preset(name)
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise UserError(f"--methods {','.join(unknown)} is invalid: expected names from {','.join(METHODS)}")
+    if "learned" in methods:
+        check_run_fits_model(dataclasses.replace(config, lora=dataclasses.replace(config.lora, rank=0)), model)
+    if "learned_lora" in methods:
+        check_run_fits_model(config, model)
+
+
+def method_sites(method: str, sites, model_config) -> tuple[str, ...]:
+    """Sites a PTQ method rotates: none for rtn; for Hadamard-based methods, the sites with a Hadamard size."""
+    if method == "rtn":
+        return ()
+    if method in ("hadamard", "klt_hadamard"):
+        kept, missing = hadamard_sites(sites, model_config)
+        if missing:
+            logger.warning("%s: no Hadamard matrix for the size of %s; that row rotates %s only",
+                           method, ", ".join(missing), "+".join(kept) or "nothing")
+        return kept
+    return tuple(sites)
+
+
 def quality_benchmark(config: RunConfig, presets, methods=METHODS, gptq: bool = True, out_dir=None) -> dict:
-    """Run every method at every preset; write quality.csv, quality.json, quality.md and a chart."""
+    """Run every method at every preset; write quality.csv, quality.json, quality.md and a chart.
+
+    The files are rewritten after every method, so an interrupted benchmark keeps the rows it has.
+    """
     out_dir = Path(out_dir or Path(config.output_dir) / "bench_quality")
     inputs = load_inputs(config)
+    check_benchmark(config, presets, methods, inputs.model)
     calibration = load_or_run_calibration(config, inputs, config.rotation.needs_statistics() or ("R1",), progress=False)
     float_loss = ptq_loss(config, inputs, None, None, (), "none")
-    sites = config.rotation.applied
+    settings = {"model": config.model.path, "text": config.data.text, "max_eval_tokens": config.data.max_eval_tokens,
+                "sites": list(config.rotation.applied), "max_steps": config.max_steps,
+                "tokens_per_step": config.train.batch_size * config.train.grad_accum * config.data.block_size}
     rows = []
-    for preset in presets:
-        preset_config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, preset=preset))
+    for preset_name in presets:
+        preset_config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, preset=preset_name))
         scheme = preset_config.quant.scheme()
         for method in methods:
+            sites = method_sites(method, config.rotation.applied, inputs.model.config)
             if method in ("learned", "learned_lora"):
                 losses = _trained_losses(preset_config, method, out_dir, gptq)
                 steps, tokens = losses.pop("steps"), losses.pop("tokens")
             else:
-                method_sites = () if method == "rtn" else sites
-                losses = {"rtn_weights": ptq_loss(preset_config, inputs, calibration, scheme, method_sites, method)}
+                losses = {"rtn_weights": ptq_loss(preset_config, inputs, calibration, scheme, sites, method)}
                 if gptq:
-                    losses["gptq_weights"] = ptq_loss(preset_config, inputs, calibration, scheme, method_sites, method, gptq=True)
+                    losses["gptq_weights"] = ptq_loss(preset_config, inputs, calibration, scheme, sites, method, gptq=True)
                 steps, tokens = 0, 0
             for weights, loss in losses.items():
-                rows.append({"preset": preset, "method": method, "weights": weights.replace("_weights", ""),
-                             "sites": "+".join(sites) if method != "rtn" else "none", "train_steps": steps,
+                rows.append({"preset": preset_name, "method": method, "weights": weights.replace("_weights", ""),
+                             "sites": "+".join(sites) or "none", "train_steps": steps,
                              "train_tokens": tokens, "loss": loss, "gap": loss - float_loss})
-                logger.info("%s %s %s: loss %.4f (gap %+.4f)", preset, method, weights, loss, loss - float_loss)
-    return _write_quality(out_dir, rows, float_loss)
+                logger.info("%s %s %s: loss %.4f (gap %+.4f)", preset_name, method, weights, loss, loss - float_loss)
+            _write_quality(out_dir, rows, float_loss, settings, chart=False)
+    return _write_quality(out_dir, rows, float_loss, settings)
 
 
-def _write_quality(out_dir: Path, rows: list[dict], float_loss: float) -> dict:
+def _write_quality(out_dir: Path, rows: list[dict], float_loss: float, settings: dict, chart: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "quality.csv", rows)
     table = quality_table(rows, float_loss)
     write_text_atomic(out_dir / "quality.md", table)
-    chart = plot_gaps(rows, out_dir / "quality.png")
-    report = {"float_loss": float_loss, "rows": rows, "table": table, "chart": str(chart), "out": str(out_dir)}
+    report = {"float_loss": float_loss, "settings": settings, "rows": rows, "table": table, "out": str(out_dir)}
+    if chart:
+        report["chart"] = str(plot_gaps(rows, out_dir / "quality.png"))
     write_json_atomic(out_dir / "quality.json", report)
     return report
 

@@ -6,6 +6,7 @@ import csv
 import io
 from pathlib import Path
 
+from mambaspin.errors import UserError
 from mambaspin.io import write_text_atomic
 
 
@@ -73,13 +74,53 @@ def _draw(axis, site, before, after, layer) -> None:
 
 
 def _read_json(path: Path):
+    """Return the JSON object in `path`, None when the file is missing, UserError when it is not a JSON object."""
     import json
 
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); rerun the command that writes it, or delete it") from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected an object; rerun the command that writes "
+                        "it, or delete it")
+    return data
+
+
+def _guarded_section(paths: list[Path], build):
+    """Call `build()`; a missing or malformed field of a benchmark output becomes a UserError naming the files."""
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as error:
+        if isinstance(error, UserError):
+            raise
+        names = ", ".join(str(path) for path in paths)
+        raise UserError(f"{names}: a field is missing or malformed ({type(error).__name__}: {error}); rerun the "
+                        "command that writes it, or delete it") from error
+
+
+def check_runs_dir(runs: Path) -> None:
+    """Refuse a runs directory that does not exist or holds none of the benchmark outputs."""
+    if not runs.is_dir():
+        raise UserError(f"runs directory {runs} does not exist; pass --runs with the directory the benchmarks wrote to")
+    outputs = [runs / "default" / "results.json", runs / "w4a8" / "results.json", runs / "bench_speed.json",
+               runs / "bench" / "bench_quality" / "quality.json", runs / "default" / "ablation" / "ablation.md"]
+    if not any(path.is_file() for path in outputs):
+        raise UserError(f"{runs} holds none of the benchmark outputs ({', '.join(str(p) for p in outputs)}); "
+                        "run the benchmarks first (see scripts/make_report.py --help)")
+
+
+def trained_model_name(runs: Path) -> str:
+    """The model the training runs used, from their results.json (older files do not record it)."""
+    names = {(_read_json(runs / folder / "results.json") or {}).get("model") for folder in ("default", "w4a8")}
+    names.discard(None)
+    return ", ".join(sorted(names)) or "the model of configs/default.yaml"
 
 
 def _training_section(runs: Path) -> list[str]:
-    lines = ["## Quantization-aware training on the shipped model", "",
+    lines = [f"## Quantization-aware training on {trained_model_name(runs)}", "",
              "| preset | float | round-to-nearest | rotations at init | trained | gap | steps | tokens | minutes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for preset, folder in (("W4A4", "default"), ("W4A8", "w4a8")):
@@ -127,21 +168,23 @@ def _speed_section(runs: Path) -> list[str]:
         lines.append("")
     if "qat_step" in speed:
         step = speed["qat_step"]
-        lines += [f"QAT step / plain LoRA step on the shipped model ({step['tokens_per_step']} tokens): "
+        lines += [f"QAT step / plain LoRA step ({step['tokens_per_step']} tokens per step): "
                   f"{step['qat_over_plain']:.2f} with cross-entropy only, {step['qat_distill_over_plain']:.2f} with "
                   "distillation (one extra teacher forward).", ""]
     if "calibration_memory" in speed:
-        lines += ["Calibration peak memory (sites R1, R2, R5, R6): " + ", ".join(
-            f"{row['tokens']:,} tokens {row['max_rss_mb']:.0f} MB ({row['ratio_to_smallest']:.2f}x)"
-            for row in speed["calibration_memory"]) + ".", ""]
+        lines += ["Calibration memory (sites R1, R2, R5, R6), peak resident memory added by calibration over the "
+                  "loaded model and data: " + ", ".join(
+                      f"{row['tokens']:,} tokens +{row['growth_mb']:.0f} MB ({row['ratio_to_smallest']:.2f}x)"
+                      for row in speed["calibration_memory"]) + ".", ""]
     if "cayley" in speed:
         lines += ["Cayley step of geoopt's RiemannianSGD against one d x d matmul: " + ", ".join(
             f"d={row['d']}: {row['cayley_step_seconds']:.3f} s ({row['ratio_to_matmul']:.1f}x)"
             for row in speed["cayley"]) + ".", ""]
     if "inference" in speed:
         row = speed["inference"]
-        lines += [f"Inference, rotated W4A4 model with fake-quantized activations against the float model: "
-                  f"{row['quantized_over_float']:.2f}x the float tokens per second (simulated quantization: "
+        source = row.get("checkpoint", "the exported checkpoint")
+        lines += [f"Inference of the quantized checkpoint ({source}, loaded by `load_quantized`) against the float "
+                  f"model: {row['quantized_over_float']:.2f}x the float tokens per second (simulated quantization: "
                   "no integer kernels, so this measures the overhead of online rotations and quantizers).", ""]
     return lines
 
@@ -155,7 +198,9 @@ def build_results_page(runs: Path, out: Path) -> Path:
 
     lines = ["# Results", "", f"Generated by `python scripts/make_report.py` on {datetime.date.today()} "
              f"({platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only).", ""]
-    lines += _training_section(runs)
+    check_runs_dir(runs)
+    lines += _guarded_section([runs / "default" / "results.json", runs / "w4a8" / "results.json",
+                               runs / "ortho1000" / "results.json"], lambda: _training_section(runs))
     ablation = runs / "default" / "ablation"
     lines += ["## Post-training ablation per site and init", ""]
     if (ablation / "ablation.md").is_file():
@@ -170,16 +215,15 @@ def build_results_page(runs: Path, out: Path) -> Path:
     quality = runs / "bench" / "bench_quality"
     lines += ["## Methods compared", ""]
     if (quality / "quality.md").is_file():
-        lines += ["`python scripts/bench_quality.py output_dir=runs/bench max_steps=100 eval_every=0 save_every=0 "
-                  "data.max_eval_tokens=10000`: loss on the first 10,000 validation tokens; the trained rows give "
-                  "their steps and tokens.", "",
+        summary = _read_json(quality / "quality.json") or {}
+        lines += ["`python scripts/bench_quality.py`. " + quality_settings_text(summary), "",
                   (quality / "quality.md").read_text(), ""]
         chart = _copy(quality / "quality.png", out)
         if chart:
             lines += [f"![loss gap to float per method]({chart})", ""]
     else:
         lines += ["not run (`python scripts/bench_quality.py`)", ""]
-    lines += _speed_section(runs)
+    lines += _guarded_section([runs / "bench_speed.json"], lambda: _speed_section(runs))
     page = out / "results.md"
     write_text_atomic(page, "\n".join(lines))
     return page
@@ -237,6 +281,17 @@ def _training_rows(runs: Path) -> tuple[list[str], list[str]]:
     return lines, misses
 
 
+def quality_settings_text(quality: dict) -> str:
+    """One sentence on what a quality benchmark ran: model, text, evaluation tokens, sites, training budget."""
+    settings = quality.get("settings")
+    if not settings:
+        return "Its settings were not recorded in quality.json; each row gives its sites, steps and tokens."
+    tokens = settings["max_eval_tokens"] or "all"
+    return (f"Model {settings['model']}, text {settings['text']}, loss on {tokens} validation tokens; sites "
+            f"{'+'.join(settings['sites']) or 'none'} (Hadamard-based rows drop the sites whose size has no Hadamard "
+            f"matrix); trained rows run {settings['max_steps']} steps of {settings['tokens_per_step']:,} tokens.")
+
+
 def _quality_pivot(quality: dict) -> list[str]:
     """Methods compared: one row per method and weight quantizer, one gap column per preset."""
     rows = quality["rows"]
@@ -271,8 +326,12 @@ def _speed_lines(speed: dict) -> tuple[list[str], list[str]]:
             misses.append(f"a QAT step costs {step['qat_over_plain']:.2f}x a plain LoRA step, above {QAT_STEP_TARGET}x")
     if "calibration_memory" in speed:
         rows = speed["calibration_memory"]
-        lines.append(f"- calibration peak memory: {rows[-1]['ratio_to_smallest']:.2f}x from {rows[0]['tokens']:,} to "
-                     f"{rows[-1]['tokens']:,} tokens (flat)")
+        lines.append(f"- memory added by calibration: +{rows[0]['growth_mb']:.0f} MB at {rows[0]['tokens']:,} tokens, "
+                     f"+{rows[-1]['growth_mb']:.0f} MB at {rows[-1]['tokens']:,} tokens "
+                     f"({rows[-1]['ratio_to_smallest']:.2f}x)")
+        if rows[-1]["ratio_to_smallest"] > 1.5:
+            misses.append(f"calibration memory grows with the number of tokens ({rows[-1]['ratio_to_smallest']:.2f}x "
+                          f"from {rows[0]['tokens']:,} to {rows[-1]['tokens']:,})")
     if "cayley" in speed:
         lines.append("- Cayley step against one d x d matmul: " + ", ".join(
             f"{row['ratio_to_matmul']:.1f}x at d={row['d']}" for row in speed["cayley"]))
@@ -334,30 +393,35 @@ def _size_miss(runs: Path) -> list[str]:
 
 def readme_results_section(runs: Path, docs: Path) -> str:
     """Build the README's results section: machine, training table, methods compared, chart, speed, limits."""
-    training, misses = _training_rows(runs)
+    check_runs_dir(runs)
+    training, misses = _guarded_section([runs / "default" / "results.json", runs / "w4a8" / "results.json"],
+                                        lambda: _training_rows(runs))
     lines = [README_START, "", f"Measured on {machine_line()}. Validation loss gap to the float model in nats per "
              "token; rebuild this section and [docs/results.md](docs/results.md) with `python scripts/make_report.py`.",
-             "", "Quantization-aware training on the shipped model (`mambaspin train`, `mambaspin train --config "
-             "configs/w4a8.yaml`):", "", *training, ""]
+             "", f"Quantization-aware training on {trained_model_name(runs)} (`mambaspin train`, `mambaspin train "
+             "--config configs/w4a8.yaml`):", "", *training, ""]
     quality = _read_json(runs / "bench" / "bench_quality" / "quality.json")
     if quality is None:
         lines += ["Methods compared: not run (`python scripts/bench_quality.py`).", ""]
     else:
         lines += [f"Methods compared in one run (`scripts/bench_quality.py`, float {quality['float_loss']:.4f} on "
-                  "its evaluation tokens); sites as in configs/default.yaml:", "", *_quality_pivot(quality), ""]
+                  f"its evaluation tokens). {quality_settings_text(quality)}", "",
+                  *_guarded_section([runs / "bench" / "bench_quality" / "quality.json"], lambda: _quality_pivot(quality)),
+                  ""]
         if (docs / "quality.png").is_file():
             lines += ["![validation loss gap to float per method and preset](docs/quality.png)", ""]
     speed = _read_json(runs / "bench_speed.json")
     if speed is None:
         lines += ["Speed and memory: not run (`python scripts/bench_speed.py --json runs/bench_speed.json`).", ""]
     else:
-        speed_lines, speed_misses = _speed_lines(speed)
+        speed_lines, speed_misses = _guarded_section([runs / "bench_speed.json"], lambda: _speed_lines(speed))
         misses += speed_misses
         lines += ["Speed and memory (`scripts/bench_speed.py`, ratios against a baseline of the same run, median of "
                   "repeats):", "", *speed_lines, ""]
     misses += _size_miss(runs)
     ortho = _read_json(runs / "ortho1000" / "results.json")
-    if ortho is not None and ortho["orthogonality_error"] > ORTHO_TARGET:
+    if ortho is not None and _guarded_section([runs / "ortho1000" / "results.json"],
+                                              lambda: ortho["orthogonality_error"] > ORTHO_TARGET):
         misses.append(f"max |RᵀR − I| after {ortho['steps']} steps is {ortho['orthogonality_error']:.1e}")
     lines += ["What is not yet as good as the goal:", "", *[f"- {item};" for item in misses + KNOWN_LIMITS[:-1]],
               f"- {KNOWN_LIMITS[-1]}.", "", README_END]

@@ -21,6 +21,8 @@ from pathlib import Path
 import geoopt
 import torch
 
+from mambaspin.errors import NotSupportedError, UserError
+
 from rotations.klt import build_rotations
 
 from .bench import median_step_seconds
@@ -51,27 +53,69 @@ def cayley_benchmark(sizes=(768, 1536, 2560), repeats: int = 3) -> list[dict]:
 
 
 CALIBRATION_PROBE = """
-import json, resource, sys
+import json, os, resource, sys, threading, time
 from train.config import load_run_config
 from train.inputs import load_inputs, run_calibration
+
+
+def resident_mb():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 config = load_run_config(sys.argv[1], sys.argv[2:])
 inputs = load_inputs(config)
+before = peak = resident_mb()
+done = threading.Event()
+
+
+def poll():
+    global peak
+    while not done.is_set():
+        peak = max(peak, resident_mb())
+        time.sleep(0.002)
+
+
+watcher = threading.Thread(target=poll)
+watcher.start()
 calibration = run_calibration(config, inputs, ("R1", "R2", "R5", "R6"), progress=False)
-print(json.dumps({"tokens": calibration.key["tokens"], "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+done.set()
+watcher.join()
+peak = max(peak, resident_mb())
+print(json.dumps({"tokens": calibration.key["tokens"], "rss_before_mb": before, "calibration_peak_mb": peak,
+                  "growth_mb": peak - before, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def calibration_memory_benchmark(config_path: str, overrides: list[str], block_counts=(8, 32, 128)) -> list[dict]:
-    """Peak memory of calibration (sites R1, R2, R5, R6) per calibration size, each in a fresh process."""
+    """Resident memory added by calibration (sites R1, R2, R5, R6) per calibration size, each in a fresh process.
+
+    The probe samples the resident set every 2 ms during calibration and reports its peak minus the
+    resident set just before (growth_mb), so the model and the tokenized text, loaded first, do not
+    hide it. Linux only (/proc/self/statm).
+    """
+    if not Path("/proc/self/statm").is_file():
+        raise NotSupportedError("calibration memory benchmark off Linux: it reads /proc/self/statm")
     rows = []
     for blocks in block_counts:
         command = [sys.executable, "-c", CALIBRATION_PROBE, config_path, *overrides, f"calibration.n_blocks={blocks}"]
         completed = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-    base = rows[0]["max_rss_mb"]
+    base = max(rows[0]["growth_mb"], 1.0)
     for row in rows:
-        row["ratio_to_smallest"] = row["max_rss_mb"] / base
+        row["ratio_to_smallest"] = max(row["growth_mb"], 1.0) / base
     return rows
+
+
+def read_earlier_results(path) -> dict:
+    """The results an earlier bench_speed run wrote to `path` (JSON object), or {} when there are none."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); delete it or pass another --json") from error
+    return earlier if isinstance(earlier, dict) else {}
 
 
 def export_ptq_model(config: RunConfig, inputs, calibration, directory: Path) -> Path:
