@@ -210,8 +210,8 @@ def run_guarded(name: str, function) -> int:
         print(f"{name}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as stop:
-        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
-        print(f"{name}: {how}; completed checkpoints and outputs are kept, nothing half-written is left",
+        stopped = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{name}: {stopped}; completed checkpoints and outputs are kept, nothing half-written is left",
               file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     return 0

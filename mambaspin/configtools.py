@@ -65,7 +65,7 @@ def _convert_scalar(kind, value):
 
 
 def _convert_sequence(value) -> tuple:
-    """A list of strings, or one comma-separated string ('in_proj,out_proj'), as a tuple of strings."""
+    """Convert a list of strings, or one comma-separated string ('in_proj,out_proj'), to a tuple of strings."""
     if isinstance(value, str):
         return tuple(item.strip() for item in value.split(",") if item.strip())
     if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):

@@ -105,10 +105,10 @@ def test_quality_rerun_starts_over(workspace, quality):
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed: what is timed is what it says
+# Speed: the timed objects and the ratios
 
 
-def test_exported_ptq_model_matches_rotated_float_model_at_w8a8(workspace, tmp_path):
+def test_exported_ptq_model_w8a8(workspace, tmp_path):
     config = tiny_config(workspace, tmp_path / "run", "quant.preset=W8A8")
     inputs = load_inputs(config)
     calibration = load_or_run_calibration(config, inputs, config.rotation.needs_statistics(), progress=False)
@@ -198,13 +198,13 @@ def test_report_refuses_missing_runs_dir(tmp_path):
 
 def test_report_refuses_empty_runs_dir(tmp_path):
     (tmp_path / "runs").mkdir()
-    with pytest.raises(UserError, match="holds none of the benchmark outputs"):
+    with pytest.raises(UserError, match="contains none of the benchmark outputs"):
         build_results_page(tmp_path / "runs", tmp_path / "docs")
 
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not valid JSON"),
-    ("[]", "holds a JSON list, expected an object"),
+    ("[]", "contains a JSON list, expected an object"),
     ('{"float": 3.8}', "a field is missing or malformed"),
     ('{"float": 3.8, "rtn": "x", "klt_ptq": 1, "trained": 1, "steps": 1, "tokens": 1}', "a field is missing or malformed"),
 ])
@@ -275,3 +275,12 @@ def test_calibration_memory_rows(workspace, tmp_path):
         assert row["growth_mb"] == pytest.approx(row["calibration_peak_mb"] - row["rss_before_mb"])
         assert row["growth_mb"] >= 0
     assert rows[0]["ratio_to_smallest"] == 1.0
+
+
+def test_report_names_bad_quality_file(tmp_path):
+    runs = fake_runs(tmp_path, w4a4_gap=0.01, qat_ratio=1.2)
+    bad = runs / "bench" / "bench_quality" / "quality.json"
+    bad.write_text("{}")
+    with pytest.raises(UserError, match="a field is missing or malformed") as caught:
+        readme_results_section(runs, tmp_path / "docs")
+    assert str(bad) in str(caught.value)

@@ -480,7 +480,7 @@ def test_new_run_refuses_old_checkpoints(workspace, two_step_run, tmp_path):
     shutil.copytree(two_step_run, output_dir)
     before = tree_digest(output_dir)
     line = error_line(run_cli(*run_overrides(workspace, output_dir)))
-    assert "already holds checkpoints" in line
+    assert "already contains checkpoints" in line
     assert "--resume_from_checkpoint latest" in line
     assert tree_digest(output_dir) == before
 

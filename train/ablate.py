@@ -52,7 +52,7 @@ def ablation_variants(inits, presets, model_config=None):
     """(preset, sites, init) of every row: none, each site alone and all sites, per init.
 
     With `model_config`, Hadamard-based inits skip the sites whose size has no Hadamard matrix
-    (an odd dt_rank, say); their "all" row then holds the other sites.
+    (an odd dt_rank, say); their "all" row then rotates the other sites.
     """
     skipped = set()
     variants = []

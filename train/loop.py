@@ -265,7 +265,7 @@ def _check_fresh_output_dir(config: RunConfig) -> None:
     """
     found = complete_checkpoints(config.output_dir)
     if found:
-        raise UserError(f"output_dir {config.output_dir} already holds checkpoints of an earlier run ({found[0].name} to "
+        raise UserError(f"output_dir {config.output_dir} already contains checkpoints of an earlier run ({found[0].name} to "
                         f"{found[-1].name}). Resume it with --resume_from_checkpoint latest, set output_dir to a new "
                         f"directory, or delete {checkpoint_root(config.output_dir)} to start over there")
 

@@ -199,9 +199,9 @@ def check_out_dir(out_dir: str | Path, run_dirs: list[Path], config: RunConfig) 
     model_dir = Path(config.model.path)
     if model_dir.is_dir():
         protected.append((model_dir.resolve(), f"the base model {config.model.path}"))
-    for path, what in protected:
+    for path, description in protected:
         if out == path or out in path.parents:
-            raise UserError(f"--out {out_dir} would replace {what}; choose another --out, e.g. {example}")
+            raise UserError(f"--out {out_dir} would replace {description}; choose another --out, e.g. {example}")
     for run in run_dirs:
         for inner in (Path(run) / "checkpoints", Path(run) / "calibration"):
             if out == inner.resolve() or inner.resolve() in out.parents:

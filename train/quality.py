@@ -76,11 +76,11 @@ def method_sites(method: str, sites, model_config) -> tuple[str, ...]:
     if method == "rtn":
         return ()
     if method in ("hadamard", "klt_hadamard"):
-        kept, missing = hadamard_sites(sites, model_config)
+        with_hadamard, missing = hadamard_sites(sites, model_config)
         if missing:
             logger.warning("%s: no Hadamard matrix for the size of %s; that row rotates %s only",
-                           method, ", ".join(missing), "+".join(kept) or "nothing")
-        return kept
+                           method, ", ".join(missing), "+".join(with_hadamard) or "nothing")
+        return with_hadamard
     return tuple(sites)
 
 

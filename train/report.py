@@ -84,7 +84,7 @@ def _read_json(path: Path):
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); rerun the command that writes it, or delete it") from error
     if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected an object; rerun the command that writes "
+        raise UserError(f"{path} contains a JSON {type(data).__name__}, expected an object; rerun the command that writes "
                         "it, or delete it")
     return data
 
@@ -102,18 +102,18 @@ def _guarded_section(paths: list[Path], build):
 
 
 def check_runs_dir(runs: Path) -> None:
-    """Refuse a runs directory that does not exist or holds none of the benchmark outputs."""
+    """Refuse a runs directory that does not exist or contains none of the benchmark outputs."""
     if not runs.is_dir():
         raise UserError(f"runs directory {runs} does not exist; pass --runs with the directory the benchmarks wrote to")
     outputs = [runs / "default" / "results.json", runs / "w4a8" / "results.json", runs / "bench_speed.json",
                runs / "bench" / "bench_quality" / "quality.json", runs / "default" / "ablation" / "ablation.md"]
     if not any(path.is_file() for path in outputs):
-        raise UserError(f"{runs} holds none of the benchmark outputs ({', '.join(str(p) for p in outputs)}); "
+        raise UserError(f"{runs} contains none of the benchmark outputs ({', '.join(str(p) for p in outputs)}); "
                         "run the benchmarks first (see scripts/make_report.py --help)")
 
 
 def trained_model_name(runs: Path) -> str:
-    """The model the training runs used, from their results.json (older files do not record it)."""
+    """Name the model the training runs used, from their results.json (older files do not record it)."""
     names = {(_read_json(runs / folder / "results.json") or {}).get("model") for folder in ("default", "w4a8")}
     names.discard(None)
     return ", ".join(sorted(names)) or "the model of configs/default.yaml"
@@ -282,7 +282,7 @@ def _training_rows(runs: Path) -> tuple[list[str], list[str]]:
 
 
 def quality_settings_text(quality: dict) -> str:
-    """One sentence on what a quality benchmark ran: model, text, evaluation tokens, sites, training budget."""
+    """Describe in one sentence what a quality benchmark ran: model, text, evaluation tokens, sites, budget."""
     settings = quality.get("settings")
     if not settings:
         return "Its settings were not recorded in quality.json; each row gives its sites, steps and tokens."
@@ -391,6 +391,38 @@ def _size_miss(runs: Path) -> list[str]:
             "form of the online rotations is not supported yet; on larger models they grow as d_inner²"]
 
 
+def _readme_quality(runs: Path, docs: Path) -> list[str]:
+    path = runs / "bench" / "bench_quality" / "quality.json"
+    quality = _read_json(path)
+    if quality is None:
+        return ["Methods compared: not run (`python scripts/bench_quality.py`).", ""]
+    lines = _guarded_section([path], lambda: [
+        f"Methods compared in one run (`scripts/bench_quality.py`, float {quality['float_loss']:.4f} on its evaluation "
+        f"tokens). {quality_settings_text(quality)}", "", *_quality_pivot(quality), ""])
+    if (docs / "quality.png").is_file():
+        lines += ["![validation loss gap to float per method and preset](docs/quality.png)", ""]
+    return lines
+
+
+def _readme_speed(runs: Path) -> tuple[list[str], list[str]]:
+    speed = _read_json(runs / "bench_speed.json")
+    if speed is None:
+        return ["Speed and memory: not run (`python scripts/bench_speed.py --json runs/bench_speed.json`).", ""], []
+    speed_lines, misses = _guarded_section([runs / "bench_speed.json"], lambda: _speed_lines(speed))
+    return ["Speed and memory (`scripts/bench_speed.py`, ratios against a baseline of the same run, median of "
+            "repeats):", "", *speed_lines, ""], misses
+
+
+def _ortho_miss(runs: Path) -> list[str]:
+    path = runs / "ortho1000" / "results.json"
+    ortho = _read_json(path)
+    if ortho is None:
+        return []
+    return _guarded_section([path], lambda: [
+        f"max |RᵀR − I| after {ortho['steps']} steps is {ortho['orthogonality_error']:.1e}"
+    ] if ortho["orthogonality_error"] > ORTHO_TARGET else [])
+
+
 def readme_results_section(runs: Path, docs: Path) -> str:
     """Build the README's results section: machine, training table, methods compared, chart, speed, limits."""
     check_runs_dir(runs)
@@ -400,29 +432,14 @@ def readme_results_section(runs: Path, docs: Path) -> str:
              "token; rebuild this section and [docs/results.md](docs/results.md) with `python scripts/make_report.py`.",
              "", f"Quantization-aware training on {trained_model_name(runs)} (`mambaspin train`, `mambaspin train "
              "--config configs/w4a8.yaml`):", "", *training, ""]
-    quality = _read_json(runs / "bench" / "bench_quality" / "quality.json")
-    if quality is None:
-        lines += ["Methods compared: not run (`python scripts/bench_quality.py`).", ""]
-    else:
-        lines += [f"Methods compared in one run (`scripts/bench_quality.py`, float {quality['float_loss']:.4f} on "
-                  f"its evaluation tokens). {quality_settings_text(quality)}", "",
-                  *_guarded_section([runs / "bench" / "bench_quality" / "quality.json"], lambda: _quality_pivot(quality)),
-                  ""]
-        if (docs / "quality.png").is_file():
-            lines += ["![validation loss gap to float per method and preset](docs/quality.png)", ""]
-    speed = _read_json(runs / "bench_speed.json")
-    if speed is None:
-        lines += ["Speed and memory: not run (`python scripts/bench_speed.py --json runs/bench_speed.json`).", ""]
-    else:
-        speed_lines, speed_misses = _guarded_section([runs / "bench_speed.json"], lambda: _speed_lines(speed))
-        misses += speed_misses
-        lines += ["Speed and memory (`scripts/bench_speed.py`, ratios against a baseline of the same run, median of "
-                  "repeats):", "", *speed_lines, ""]
-    misses += _size_miss(runs)
-    ortho = _read_json(runs / "ortho1000" / "results.json")
-    if ortho is not None and _guarded_section([runs / "ortho1000" / "results.json"],
-                                              lambda: ortho["orthogonality_error"] > ORTHO_TARGET):
-        misses.append(f"max |RᵀR − I| after {ortho['steps']} steps is {ortho['orthogonality_error']:.1e}")
+
+    # Methods compared, then speed and memory
+    lines += _readme_quality(runs, docs)
+    speed_lines, speed_misses = _readme_speed(runs)
+    lines += speed_lines
+
+    # What misses its goal: measured above, then the limits that hold whatever the numbers
+    misses += speed_misses + _size_miss(runs) + _ortho_miss(runs)
     lines += ["What is not yet as good as the goal:", "", *[f"- {item};" for item in misses + KNOWN_LIMITS[:-1]],
               f"- {KNOWN_LIMITS[-1]}.", "", README_END]
     return "\n".join(lines)

@@ -108,7 +108,7 @@ def calibration_memory_benchmark(config_path: str, overrides: list[str], block_c
 
 
 def read_earlier_results(path) -> dict:
-    """The results an earlier bench_speed run wrote to `path` (JSON object), or {} when there are none."""
+    """Return the results an earlier bench_speed run wrote to `path` (a JSON object), or {} when there are none."""
     if path is None or not Path(path).is_file():
         return {}
     try:
