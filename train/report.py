@@ -340,8 +340,8 @@ def _speed_lines(speed: dict) -> tuple[list[str], list[str]]:
         lines.append(f"- inference of the merged W4A4 checkpoint: {ratio:.2f}x the float model's tokens per second")
         if ratio < 1:
             misses.append(f"the quantized checkpoint runs at {ratio:.2f}x the float model's speed: quantization is "
-                          "simulated (weights dequantized at load, activations fake-quantized), there are no integer "
-                          "kernels yet, so it saves memory and disk, not time")
+                          "simulated (weights dequantized at load, activations fake-quantized) and there are no integer "
+                          "kernels yet")
     return lines, misses
 
 
