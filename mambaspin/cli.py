@@ -217,18 +217,15 @@ def run_guarded(name: str, function) -> int:
     return 0
 
 
-def check_json_path(path: str | None) -> None:
-    """Refuse a --json path that cannot take a file, before the work whose result it would hold."""
-    if path is not None and os.path.isdir(path):
-        raise UserError(f"--json {path} is a directory; pass a file path such as {os.path.join(path, 'results.json')}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def run() -> None:
-        check_json_path(args.json)
+        if args.json is not None:
+            from .io import check_output_path
+
+            check_output_path(args.json, "--json", directory=False)
         report = args.handler(args)
         if args.json and int(os.environ.get("RANK", "0")) == 0:
             from .io import write_json_atomic

@@ -97,8 +97,10 @@ def is_quantized_dir(directory: Path) -> bool:
     if not config_file.is_file():
         return False
     try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # read_config reports the broken file
+    if not isinstance(raw, dict):
         return False
     return (raw.get("quantization_config") or {}).get("format") == FORMAT
 

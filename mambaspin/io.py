@@ -12,6 +12,26 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_output_path(path: str | os.PathLike, what: str, directory: bool) -> None:
+    """Raise UserError when `path` cannot be written later: it (for a directory) or a parent is a file.
+
+    what: how the user set the path (an option or a config key), named in the error. Called before
+    long work, so that a bad output path does not cost the work.
+    """
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, expected a directory; choose another path")
+    if not directory and path.is_dir():
+        raise UserError(f"{what} {path} is a directory; pass a file path such as {path / 'results.json'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path} lies under {parent}, which is a file; choose another path")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"{what} {path} cannot be created: {parent} is not writable; choose another path")
+            return
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same directory and a rename."""
     path = Path(path)
@@ -66,7 +86,11 @@ def staged_directory(directory: str | os.PathLike):
         if directory.exists():
             # Move the old directory aside first, so a crash here leaves it whole under the backup name.
             backup = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            directory.rename(backup / directory.name)
+            try:
+                directory.rename(backup / directory.name)
+            except OSError as error:
+                backup.rmdir()
+                raise UserError(f"cannot replace {directory}: {error.strerror}. Choose another output path.") from error
             staging.rename(directory)
             shutil.rmtree(backup, ignore_errors=True)
         else:

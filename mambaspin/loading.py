@@ -81,12 +81,20 @@ def read_config(directory: Path) -> MambaConfig:
         if (Path(directory) / "checkpoints").is_dir():
             hint = (f"; it looks like a training run: merge it first with `mambaspin merge --run {directory} "
                     f"--out {Path(directory) / 'quantized'}` and load that")
-        raise UserError(f"{directory} holds no config.json; expected a Mamba-1 checkpoint directory{hint}")
+        raise UserError(f"{directory} has no config.json; expected a Mamba-1 checkpoint directory{hint}")
     try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{config_file} is not valid JSON: {error}") from error
     return config_from_dict(raw, str(config_file))
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type for truncated or foreign files
+        raise UserError(f"cannot read {path}: {' '.join(str(error).split())}. The file may be truncated; "
+                        "copy or download it again") from error
 
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -96,11 +104,11 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state = {}
         for shard in shards:
-            state.update(load_file(str(directory / shard)))
+            state.update(_load_safetensors(directory / shard))
         return state
     single = directory / "model.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors(single)
     binary = directory / "pytorch_model.bin"
     if binary.is_file():
         try:

@@ -226,6 +226,21 @@ class WeightQuantConfig:
             f"Set {self.KEY_PATH}.group_size to a divisor of {in_features}, such as {suggestions}."
         )
 
+    def check_shapes(self, layers: Mapping[str, tuple[int, int]]) -> None:
+        """Check every (out_features, in_features) of `layers` at once; with per_group, the error
+        suggests group sizes that divide all of them."""
+        if self.granularity == "per_group":
+            widths = sorted({shape[1] for shape in layers.values()})
+            common = math.gcd(*widths)
+            if common % self.group_size:
+                suggestions = ", ".join(str(d) for d in _nearest_divisors(common, self.group_size))
+                raise UserError(
+                    f"{self.KEY_PATH}.group_size={self.group_size} does not divide the input width of every quantized "
+                    f"linear (in_features {', '.join(map(str, widths))}). Use a divisor of their gcd {common}, such as "
+                    f"{suggestions}, or per_channel granularity.")
+        for name, (out_features, in_features) in layers.items():
+            self.check_shape(out_features, in_features, name)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WeightQuantConfig:
         """Build a config from a mapping such as a parsed YAML section.

@@ -56,7 +56,12 @@ def load_tokenizer(directory: str | Path) -> TextTokenizer:
     directory = Path(directory)
     tokenizer_file = directory / "tokenizer.json"
     if tokenizer_file.is_file():
-        return TextTokenizer(Tokenizer.from_file(str(tokenizer_file)), str(tokenizer_file))
+        try:
+            backend = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # the tokenizers library raises a bare Exception for unreadable files
+            raise UserError(f"cannot read {tokenizer_file}: {' '.join(str(error).split())}. Pass a working "
+                            "tokenizer directory (--tokenizer DIR, or model.tokenizer=DIR in a run config)") from error
+        return TextTokenizer(backend, str(tokenizer_file))
     from transformers import AutoTokenizer
 
     try:

@@ -15,6 +15,7 @@ import sys
 
 from mambaspin.bench import benchmark_environment, format_scan_table, scan_benchmark
 from mambaspin.cli import DEFAULT_CONFIG, run_guarded
+from mambaspin.errors import UserError
 from mambaspin.io import write_json_atomic
 from train.bench import qat_step_benchmark
 from train.config import load_run_config
@@ -36,10 +37,17 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    skip = set(filter(None, args.skip.split(",")))
+    skip = set(filter(None, (part.strip() for part in args.skip.split(","))))
+    if skip - set(PARTS):
+        raise UserError(f"--skip {','.join(sorted(skip - set(PARTS)))} is invalid: expected parts from {','.join(PARTS)}")
+    if skip == set(PARTS):
+        raise UserError("--skip names every part, so nothing would be measured; leave at least one part out")
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats} is invalid: expected at least 1")
     config = load_run_config(args.config, args.overrides)
     results = read_earlier_results(args.json) if skip else {}
     results["environment"] = benchmark_environment()
+    results["model"] = config.model.path
 
     if "scan" not in skip:
         results["scan"] = scan_benchmark([256, 384, 768], 16, 128, 16, args.repeats)

@@ -23,7 +23,7 @@ from mambaspin.tokenizer import train_byte_level_bpe
 from train.ablate import ablation_variants, site_label
 from train.config import load_run_config
 from train.inputs import load_inputs, load_or_run_calibration
-from train.quality import METHODS, method_sites, quality_benchmark
+from train.quality import METHODS, sites_label, method_sites, quality_benchmark
 from train.report import README_END, README_START, build_results_page, readme_results_section, update_readme
 from train.speed import calibration_memory_benchmark, cayley_benchmark, export_ptq_model, inference_benchmark
 
@@ -284,3 +284,24 @@ def test_report_names_bad_quality_file(tmp_path):
     with pytest.raises(UserError, match="a field is missing or malformed") as caught:
         readme_results_section(runs, tmp_path / "docs")
     assert str(bad) in str(caught.value)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--skip", "scan,foo"], "--skip foo is invalid: expected parts from scan,qat_step"),
+    (["--skip", "scan,qat_step,calibration_memory,cayley,inference"], "--skip names every part"),
+    (["--repeats", "0", "--skip", "scan"], "--repeats 0 is invalid"),
+])
+def test_bench_speed_arguments(tmp_path, arguments, message):
+    completed = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_speed.py"), *arguments,
+                                "--json", str(tmp_path / "speed.json")], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
+    assert message in completed.stderr
+    assert not (tmp_path / "speed.json").exists()
+
+
+def test_qualitysites_label_names_skipped_sites():
+    assert sites_label(("R1", "R2"), ("R1", "R2", "R5"), "hadamard") == (
+        "R1+R2 (R5 skipped: no Hadamard matrix of its size)")
+    assert sites_label(("R1", "R5"), ("R1", "R5"), "learned") == "R1+R5"
+    assert sites_label((), ("R1",), "rtn") == "none"

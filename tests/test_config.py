@@ -232,3 +232,42 @@ def test_run_dir_as_model_suggests_merge(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match="looks like a training run: merge it first"):
         load_model(tmp_path / "run")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--out", "{file}"], "--out {file} is a file, expected a directory"),
+    (["calibrate", "calibration.dir={file}"], "calibration.dir {file} is a file, expected a directory"),
+    (["ablate", "--out", "{file}"], "--out {file} is a file, expected a directory"),
+    (["calibrate", "--json", "{file}/report.json"], "--json {file}/report.json lies under {file}, which is a file"),
+])
+def test_output_paths_checked_before_work(tmp_path, capsys, argv, message):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    status = main([*(part.format(file=blocker) for part in argv), f"output_dir={tmp_path / 'run'}"])
+    assert status == 2
+    assert message.format(file=blocker) in capsys.readouterr().err
+    assert blocker.read_text() == "keep"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config", "config.json is not valid JSON"),
+    ("weights", "The file may be truncated"),
+    ("tokenizer", "tokenizer.json"),
+])
+def test_damaged_model_directory(hf_model_dir, damage, message):
+    from mambaspin.loading import load_model
+    from mambaspin.tokenizer import load_tokenizer
+
+    if damage == "config":
+        (hf_model_dir / "config.json").write_bytes(b"\xff\xfe{not utf8")
+    elif damage == "weights":
+        weights = hf_model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:50])
+    else:
+        (hf_model_dir / "tokenizer.json").write_bytes(b"\xff\xfe not a tokenizer")
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        if damage == "tokenizer":
+            load_tokenizer(hf_model_dir)
+        else:
+            load_model(hf_model_dir)

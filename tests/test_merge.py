@@ -329,13 +329,37 @@ def test_merge_rejects_existing_out(trained, tmp_path):
     assert (out / "keep.txt").read_text() == "kept"
 
 
-def test_merge_overwrites_when_asked(trained, tmp_path):
+def test_merge_overwrites_an_earlier_merge(trained, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("stale")
+    merge(trained("quant.preset=W8A8"), out)
+    (out / "README.md").write_text("stale")
     merge(trained("quant.preset=W4A4"), out, overwrite=True)
-    assert (out / "model.safetensors").is_file()
-    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["weight"]["bits"] == 4
+    assert (out / "README.md").read_text() != "stale"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("contents", [["notes.txt"], ["config.json", "model.safetensors", "train.txt"],
+                                      ["config.json", "checkpoints/"]])
+def test_overwrite_refuses_what_merge_did_not_write(trained, tmp_path, contents):
+    out = tmp_path / "precious"
+    for name in contents:
+        if name.endswith("/"):
+            (out / name).mkdir(parents=True)
+        else:
+            out.mkdir(exist_ok=True)
+            (out / name).write_text("keep")
+    before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match="is not a merged checkpoint"):
+        merge(trained("quant.preset=W4A4"), out, overwrite=True)
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
+
+
+def test_merge_refuses_current_directory(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="the current directory"):
+        merge(trained("quant.preset=W4A4"), ".", overwrite=True)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("where", ["run", "parent", "checkpoints", "checkpoint", "calibration", "other_run",

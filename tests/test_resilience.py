@@ -314,9 +314,9 @@ def test_group_size_not_divisor(workspace, tmp_path):
     completed = run_cli(*run_overrides(workspace, tmp_path / "run",
                                        "quant.weight={bits: 4, granularity: per_group, group_size: 7}"))
     line = error_line(completed)
-    assert "group_size=7" in line
-    assert "backbone.layers.0.mixer.in_proj" in line
-    assert "such as 12" in line
+    assert "group_size=7 does not divide the input width of every quantized linear (in_features 4, 48, 96)" in line
+    assert "gcd 4, such as 4, 2, 1" in line
+    assert not (tmp_path / "run" / "calibration").exists()  # refused before calibrating
     assert_nothing_half_written(tmp_path / "run")
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mambaspin.errors import UserError
 from mambaspin.evaluate import evaluate_text
-from mambaspin.io import write_text_atomic
+from mambaspin.io import check_output_path, write_text_atomic
 from mambaspin.quant_model import QuantScheme, preset, quantize_model_ptq
 from rotations.calibration import SampleRecorder, collect_statistics, stat_key
 from rotations.config import INITS, SITES
@@ -81,6 +81,8 @@ def site_label(sites) -> str:
 def ablate(config: RunConfig, out_dir=None, presets=PRESETS, inits=ABLATION_INITS, progress: bool = True) -> dict:
     """Run the ablation and write ablation.csv, ablation.md and channel-range plots into `out_dir`."""
     out_dir = Path(out_dir or Path(config.output_dir) / "ablation")
+    check_output_path(out_dir, "--out", directory=True)
+    presets, inits = tuple(dict.fromkeys(presets)), tuple(dict.fromkeys(inits))
     for name in presets:
         preset(name)  # raises UserError naming the valid presets
     unknown = [init for init in inits if init not in INITS]
@@ -97,7 +99,7 @@ def ablate(config: RunConfig, out_dir=None, presets=PRESETS, inits=ABLATION_INIT
         loss = ptq_loss(config, inputs, calibration, scheme, sites, init)
         label = site_label(sites)
         rows.append({"preset": name, "sites": label, "init": init, "loss": loss, "delta": loss - float_loss})
-        logger.info("%s %s %s: loss %.4f (+%.4f)", name, label, init, loss, loss - float_loss)
+        logger.info("%s %s %s: loss %.4f (%+.4f)", name, label, init, loss, loss - float_loss)
     write_csv(out_dir / "ablation.csv", rows)
     table = markdown_table(rows, float_loss)
     write_text_atomic(out_dir / "ablation.md", table)

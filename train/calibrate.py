@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from mambaspin.errors import UserError
+from mambaspin.io import check_output_path
 from rotations.config import SITES, site_size
 from rotations.hadamard import hadamard_matrix, is_hadamard_size
 from rotations.klt import channel_spread, klt
@@ -39,13 +40,14 @@ def spread_report(calibration, model_config, sites) -> list[dict]:
 
 def calibrate(config: RunConfig, out_dir: str | Path | None = None, sites=None, progress: bool = True) -> dict:
     """Collect statistics for `sites` (default: all six) and save them into `out_dir`."""
-    sites = tuple(sites or SITES)
+    sites = tuple(dict.fromkeys(sites or SITES))
     unknown = sorted(set(sites) - set(SITES))
     if unknown:
         raise UserError(f"unknown site(s) {unknown}: expected names from {', '.join(SITES)}")
+    directory = Path(out_dir) if out_dir else config.calibration_dir
+    check_output_path(directory, "--out" if out_dir else "calibration.dir", directory=True)
     inputs = load_inputs(config)
     calibration = run_calibration(config, inputs, sites, progress)
-    directory = Path(out_dir) if out_dir else config.calibration_dir
     calibration.save(directory)
     rows = spread_report(calibration, inputs.model.config, sites)
     logger.info("saved calibration of sites %s (%d tokens) to %s", ",".join(sites), calibration.key["tokens"], directory)

@@ -185,6 +185,8 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self):
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise UserError(f"output_dir={self.output_dir!r} is invalid: expected a directory path, e.g. runs/default")
         zero_means = {"max_steps": "no training steps", "save_every": "save only at the end",
                       "eval_every": "evaluate only at the end", "log_every": "no metric logs",
                       "keep_checkpoints": "keep all"}

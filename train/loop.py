@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from mambaspin.errors import NotSupportedError, UserError
 from mambaspin.evaluate import evaluate_text
-from mambaspin.io import write_json_atomic
+from mambaspin.io import check_output_path, write_json_atomic
 from lora.adapters import check_targets
-from mambaspin.quant_model import calibrate_act_quantizers
+from mambaspin.quant_model import LINEARS, calibrate_act_quantizers
 from rotations.calibration import model_fingerprint
 from rotations.config import SITES
 from rotations.klt import build_rotations, check_site_sizes
@@ -255,6 +255,13 @@ def check_run_fits_model(config: RunConfig, model) -> None:
     """Raise UserError, before any calibration, when the rotation inits or LoRA ranks cannot be built for `model`."""
     check_site_sizes(config.rotation, model.config)
     check_targets(model, config.lora.settings())
+    scheme = config.quant.scheme()
+    if scheme.weight is not None:
+        mixer = model.backbone.layers[0].mixer
+        layers = {f"backbone.layers.0.mixer.{name}": tuple(getattr(mixer, name).weight.shape) for name in LINEARS}
+        if scheme.lm_head:
+            layers["lm_head"] = tuple(model.lm_head.weight.shape)
+        scheme.weight.check_shapes(layers)
 
 
 def _check_fresh_output_dir(config: RunConfig) -> None:
@@ -285,6 +292,7 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     else:
         _check_fresh_output_dir(config)
     _make_output_dir(config.output_dir)
+    check_output_path(config.calibration_dir, "calibration.dir", directory=True)
     accelerator = _make_accelerator(config)
     set_seed(config.seed)
     inputs = load_inputs(config)
@@ -315,6 +323,7 @@ def train(config: RunConfig, resume_from: str | None = None, progress: bool = Tr
     if config.save_every == 0 or state.step % config.save_every:
         _save(config, accelerator, model, state, metadata)
     results = {**baselines, "model": config.model.path, "preset": config.quant.preset,
+               "max_eval_tokens": config.data.max_eval_tokens,
                "sites": list(config.rotation.applied),
                "trained": _validation_loss(config, accelerator.unwrap_model(model), inputs),
                "minutes": (time.time() - started) / 60,

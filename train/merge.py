@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from mambaspin import configtools
+from mambaspin.data import resolve_path
+from mambaspin.io import check_output_path
 from mambaspin.errors import NotSupportedError, UserError
 from mambaspin.gptq import collect_hessians, gptq_quantize
 from mambaspin.export import ONLINE_SITES, pack_codes, quantization_config, write_quantized
@@ -189,14 +192,40 @@ def merge_readme(config: RunConfig, checkpoint: Path, fmt: str) -> str:
             "Load with `mambaspin.export.load_quantized(DIR)` or evaluate with `mambaspin eval --model DIR`.\n")
 
 
+MERGE_OUTPUT = re.compile(r"^(config\.json|model\.safetensors|README\.md|generation_config\.json|"
+                          r"(tokenizer|special_tokens_map|vocab|merges|added_tokens|chat_template)[\w.-]*)$")
+
+
+def check_replaceable(out_dir: str | Path) -> None:
+    """Refuse to --overwrite a directory that is not an earlier merge output: only files a merge
+    writes (config.json, model.safetensors, README.md, tokenizer files), no subdirectories."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out_dir} exists and is a file; choose a directory path for --out")
+    entries = sorted(out.iterdir())
+    foreign = [path.name + ("/" if path.is_dir() else "") for path in entries
+               if path.is_dir() or not MERGE_OUTPUT.match(path.name)]
+    if foreign or not (out / "config.json").is_file():
+        listed = "no config.json"
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise UserError(f"--out {out_dir} exists and is not a merged checkpoint (it contains {listed}); --overwrite "
+                        "only replaces an earlier merge output. Remove it yourself or choose another --out")
+
+
 def check_out_dir(out_dir: str | Path, run_dirs: list[Path], config: RunConfig) -> None:
     """Refuse an --out whose replacement would delete what the merge reads or the run keeps: a run
     directory or a folder above it, anything inside its checkpoints or calibration, or the base model."""
+    if not str(out_dir).strip():
+        raise UserError("--out is empty; pass the directory to write, e.g. runs/default/quantized")
     out = Path(out_dir).resolve()
     example = Path(run_dirs[0]) / "quantized"
     protected = [(Path(run).resolve(), f"the run directory {run}") for run in run_dirs]
+    protected.append((Path.cwd().resolve(), "the current directory"))
     protected.append((config.calibration_dir.resolve(), f"the run's calibration {config.calibration_dir}"))
-    model_dir = Path(config.model.path)
+    model_dir = Path(resolve_path(config.model.path))  # resolved as the loader resolves it
     if model_dir.is_dir():
         protected.append((model_dir.resolve(), f"the base model {config.model.path}"))
     for path, description in protected:
@@ -218,9 +247,14 @@ def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", 
     """
     if fmt not in ("mambaspin", "hf"):
         raise UserError(f"--format {fmt!r} is invalid: expected mambaspin or hf")
+    check_output_path(out_dir, "--out", directory=True)
     path = resolve_checkpoint(run_dir, checkpoint, hint="pass the output_dir of a training run to --run")
     run_config = configtools.build(RunConfig, read_metadata(path)["config"])
     check_out_dir(out_dir, [Path(run_dir), path.parent.parent], run_config)
+    if Path(out_dir).exists():
+        if not overwrite:
+            raise UserError(f"output directory {out_dir} exists; pass --overwrite to replace it or choose another --out")
+        check_replaceable(out_dir)
     config, model, tokenizer, path = load_trained(run_dir, checkpoint)
     if fmt == "hf":
         online = online_sites(config)

@@ -19,7 +19,7 @@ from pathlib import Path
 from mambaspin.errors import UserError
 from mambaspin.evaluate import evaluate_text
 from mambaspin.export import load_quantized
-from mambaspin.io import write_json_atomic, write_text_atomic
+from mambaspin.io import check_output_path, write_json_atomic, write_text_atomic
 from mambaspin.quant_model import preset
 from rotations.klt import hadamard_sites
 
@@ -84,12 +84,21 @@ def method_sites(method: str, sites, model_config) -> tuple[str, ...]:
     return tuple(sites)
 
 
+def sites_label(sites, applied, method: str) -> str:
+    """Sites of a row, naming the config sites a Hadamard-based method left out."""
+    label = "+".join(sites) or "none"
+    skipped = [site for site in applied if site not in sites] if method in ("hadamard", "klt_hadamard") else []
+    return label + (f" ({'+'.join(skipped)} skipped: no Hadamard matrix of its size)" if skipped else "")
+
+
 def quality_benchmark(config: RunConfig, presets, methods=METHODS, gptq: bool = True, out_dir=None) -> dict:
     """Run every method at every preset; write quality.csv, quality.json, quality.md and a chart.
 
     The files are rewritten after every method, so an interrupted benchmark keeps the rows it has.
     """
     out_dir = Path(out_dir or Path(config.output_dir) / "bench_quality")
+    check_output_path(out_dir, "--out", directory=True)
+    presets, methods = tuple(dict.fromkeys(presets)), tuple(dict.fromkeys(methods))
     inputs = load_inputs(config)
     check_benchmark(config, presets, methods, inputs.model)
     calibration = load_or_run_calibration(config, inputs, config.rotation.needs_statistics() or ("R1",), progress=False)
@@ -113,7 +122,7 @@ def quality_benchmark(config: RunConfig, presets, methods=METHODS, gptq: bool = 
                 steps, tokens = 0, 0
             for weights, loss in losses.items():
                 rows.append({"preset": preset_name, "method": method, "weights": weights.replace("_weights", ""),
-                             "sites": "+".join(sites) or "none", "train_steps": steps,
+                             "sites": sites_label(sites, config.rotation.applied, method), "train_steps": steps,
                              "train_tokens": tokens, "loss": loss, "gap": loss - float_loss})
                 logger.info("%s %s %s: loss %.4f (gap %+.4f)", preset_name, method, weights, loss, loss - float_loss)
             _write_quality(out_dir, rows, float_loss, settings, chart=False)

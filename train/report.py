@@ -96,7 +96,7 @@ def _guarded_section(paths: list[Path], build):
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as error:
         if isinstance(error, UserError):
             raise
-        names = ", ".join(str(path) for path in paths)
+        names = ", ".join(str(path) for path in paths if path.is_file()) or ", ".join(str(path) for path in paths)
         raise UserError(f"{names}: a field is missing or malformed ({type(error).__name__}: {error}); rerun the "
                         "command that writes it, or delete it") from error
 
@@ -107,7 +107,9 @@ def check_runs_dir(runs: Path) -> None:
         raise UserError(f"runs directory {runs} does not exist; pass --runs with the directory the benchmarks wrote to")
     outputs = [runs / "default" / "results.json", runs / "w4a8" / "results.json", runs / "bench_speed.json",
                runs / "bench" / "bench_quality" / "quality.json", runs / "default" / "ablation" / "ablation.md"]
-    if not any(path.is_file() for path in outputs):
+    speed = _read_json(runs / "bench_speed.json") or {}
+    measured = [path for path in outputs if path.is_file() and path.name != "bench_speed.json"]
+    if not measured and not set(speed) & {"scan", "qat_step", "calibration_memory", "cayley", "inference"}:
         raise UserError(f"{runs} contains none of the benchmark outputs ({', '.join(str(p) for p in outputs)}); "
                         "run the benchmarks first (see scripts/make_report.py --help)")
 
@@ -117,6 +119,17 @@ def trained_model_name(runs: Path) -> str:
     names = {(_read_json(runs / folder / "results.json") or {}).get("model") for folder in ("default", "w4a8")}
     names.discard(None)
     return ", ".join(sorted(names)) or "the model of configs/default.yaml"
+
+
+def _eval_tokens_text(runs: Path) -> str:
+    """Say which validation tokens the training runs were evaluated on, from their results.json."""
+    caps = {(_read_json(runs / folder / "results.json") or {}).get("max_eval_tokens", "unknown")
+            for folder in ("default", "w4a8") if (runs / folder / "results.json").is_file()}
+    if caps == {0}:
+        return "the whole validation split"
+    if len(caps) == 1 and isinstance(next(iter(caps)), int):
+        return f"the first {next(iter(caps)):,} validation tokens"
+    return "the validation split (data.max_eval_tokens is not recorded the same in every run)"
 
 
 def _training_section(runs: Path) -> list[str]:
@@ -133,7 +146,7 @@ def _training_section(runs: Path) -> list[str]:
         lines.append(f"| {preset} | {result['float']:.4f} | {result['rtn']:.4f} | {result['klt_ptq']:.4f} | "
                      f"{result['trained']:.4f} | {result['trained'] - result['float']:+.4f} | {result['steps']} | "
                      f"{result['tokens']:,} | {minutes} |")
-    lines += ["", "Validation loss in nats per token on the whole validation split (the last 10% of the text). Commands: "
+    lines += ["", f"Validation loss in nats per token on {_eval_tokens_text(runs)}. Commands: "
               "`mambaspin train` and `mambaspin train --config configs/w4a8.yaml`.", ""]
     ortho = _read_json(runs / "ortho1000" / "results.json")
     if ortho is not None:
@@ -384,10 +397,10 @@ def _size_miss(runs: Path) -> list[str]:
     total = sum(sizes.values())
     if total <= float_mb:
         return []
-    return [f"the merged W4A4 checkpoint is {total:.1f} MB against {float_mb:.1f} MB for the float model: its "
+    return [f"the merged W4A4 checkpoint is {total:.1f} MB against {float_mb:.1f} MB for the float model. Its "
             f"online rotations (R2 and R6, dense float32 d_inner x d_inner per layer) take "
-            f"{sizes['online rotations']:.1f} MB and its float tensors (embedding, untied lm_head, ...) "
-            f"{sizes['float tensors']:.1f} MB, against {sizes['packed linears']:.1f} MB of packed linears. A compact "
+            f"{sizes['online rotations']:.1f} MB. Its float tensors (embedding, untied lm_head, ...) take "
+            f"{sizes['float tensors']:.1f} MB, and its packed linears {sizes['packed linears']:.1f} MB. A compact "
             "form of the online rotations is not supported yet; on larger models they grow as d_inner²"]
 
 
@@ -431,7 +444,7 @@ def readme_results_section(runs: Path, docs: Path) -> str:
     lines = [README_START, "", f"Measured on {machine_line()}. Validation loss gap to the float model in nats per "
              "token; rebuild this section and [docs/results.md](docs/results.md) with `python scripts/make_report.py`.",
              "", f"Quantization-aware training on {trained_model_name(runs)} (`mambaspin train`, `mambaspin train "
-             "--config configs/w4a8.yaml`):", "", *training, ""]
+             f"--config configs/w4a8.yaml`), loss on {_eval_tokens_text(runs)}:", "", *training, ""]
 
     # Methods compared, then speed and memory
     lines += _readme_quality(runs, docs)
