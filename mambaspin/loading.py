@@ -81,6 +81,10 @@ def read_config(directory: Path) -> MambaConfig:
         if (Path(directory) / "checkpoints").is_dir():
             hint = (f"; it looks like a training run: merge it first with `mambaspin merge --run {directory} "
                     f"--out {Path(directory) / 'quantized'}` and load that")
+        elif (Path(directory) / "checkpoint.json").is_file():
+            run = Path(directory).parent.parent
+            hint = (f"; it looks like a training checkpoint: merge it first with `mambaspin merge --run {run} "
+                    f"--checkpoint {Path(directory).name} --out {run / 'quantized'}` and load that")
         raise UserError(f"{directory} has no config.json; expected a Mamba-1 checkpoint directory{hint}")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))

@@ -271,3 +271,13 @@ def test_damaged_model_directory(hf_model_dir, damage, message):
             load_tokenizer(hf_model_dir)
         else:
             load_model(hf_model_dir)
+
+
+def test_checkpoint_dir_as_model_suggests_merge(tmp_path):
+    from mambaspin.loading import load_model
+
+    step = tmp_path / "run" / "checkpoints" / "step_4"
+    step.mkdir(parents=True)
+    (step / "checkpoint.json").write_text("{}")
+    with pytest.raises(UserError, match="--checkpoint step_4"):
+        load_model(step)

@@ -355,6 +355,16 @@ def test_overwrite_refuses_what_merge_did_not_write(trained, tmp_path, contents)
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
 
 
+def test_training_from_a_merged_checkpoint_refused(merged, workspace, tmp_path):
+    from train.inputs import load_inputs
+
+    _, merged_dir = merged("quant.preset=W4A4")
+    config = load_run_config(DEFAULT_CONFIG, [f"model.path={merged_dir}", f"data.text={workspace['text_file']}",
+                                              f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="is a quantized checkpoint written by `mambaspin merge`"):
+        load_inputs(config)
+
+
 def test_merge_refuses_current_directory(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="the current directory"):

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from mambaspin.data import calibration_blocks, load_text_splits, pack_blocks
+from mambaspin.errors import UserError
 from mambaspin.evaluate import check_vocab_fits
+from mambaspin.export import is_quantized_dir
 from mambaspin.loading import load_model, resolve_model_dir
 from mambaspin.tokenizer import load_tokenizer
 from rotations.calibration import Calibration, collect_statistics, data_fingerprint, model_fingerprint, read_key
@@ -36,6 +38,9 @@ class RunInputs:
 def load_inputs(config: RunConfig) -> RunInputs:
     """Load model, tokenizer and splits as the config says; checks that they fit each other."""
     model_dir = resolve_model_dir(config.model.path)
+    if is_quantized_dir(model_dir):
+        raise UserError(f"model.path={config.model.path} is a quantized checkpoint written by `mambaspin merge`; "
+                        "calibrate, train and benchmark from the float model it was made from")
     model = load_model(model_dir, dtype=DTYPES[config.model.dtype], device=config.model.torch_device())
     tokenizer = load_tokenizer(config.model.tokenizer or model_dir)
     splits = load_text_splits(config.data.text, config.data.train_fraction, config.data.text_column)
