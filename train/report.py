@@ -299,7 +299,7 @@ def quality_settings_text(quality: dict) -> str:
     settings = quality.get("settings")
     if not settings:
         return "Its settings were not recorded in quality.json; each row gives its sites, steps and tokens."
-    tokens = settings["max_eval_tokens"] or "all"
+    tokens = f"{settings['max_eval_tokens']:,}" if settings["max_eval_tokens"] else "all"
     return (f"Model {settings['model']}, text {settings['text']}, loss on {tokens} validation tokens; sites "
             f"{'+'.join(settings['sites']) or 'none'} (Hadamard-based rows drop the sites whose size has no Hadamard "
             f"matrix); trained rows run {settings['max_steps']} steps of {settings['tokens_per_step']:,} tokens.")
