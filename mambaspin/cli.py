@@ -146,7 +146,8 @@ def add_merge_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--format", default="mambaspin", choices=["mambaspin", "hf"],
                         help="mambaspin: packed quantized weights with online rotations; hf: float MambaForCausalLM")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier merge output at --out (nothing else is replaced)")
     parser.add_argument("--gptq", action="store_true", help="quantize weights with GPTQ instead of round-to-nearest")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.set_defaults(handler=run_merge)

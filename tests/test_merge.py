@@ -332,15 +332,17 @@ def test_merge_rejects_existing_out(trained, tmp_path):
 def test_merge_overwrites_an_earlier_merge(trained, tmp_path):
     out = tmp_path / "out"
     merge(trained("quant.preset=W8A8"), out)
-    (out / "README.md").write_text("stale")
+    stale = (out / "README.md").read_text() + "\nstale line\n"
+    (out / "README.md").write_text(stale)
     merge(trained("quant.preset=W4A4"), out, overwrite=True)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["weight"]["bits"] == 4
-    assert (out / "README.md").read_text() != "stale"
+    assert (out / "README.md").read_text() != stale
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 @pytest.mark.parametrize("contents", [["notes.txt"], ["config.json", "model.safetensors", "train.txt"],
-                                      ["config.json", "checkpoints/"]])
+                                      ["config.json", "checkpoints/"], ["config.json", "vocab_my_notes.txt"],
+                                      ["config.json", "model.safetensors", "README.md"]])
 def test_overwrite_refuses_what_merge_did_not_write(trained, tmp_path, contents):
     out = tmp_path / "precious"
     for name in contents:
@@ -363,6 +365,12 @@ def test_training_from_a_merged_checkpoint_refused(merged, workspace, tmp_path):
                                               f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(UserError, match="is a quantized checkpoint written by `mambaspin merge`"):
         load_inputs(config)
+
+
+def test_merge_refuses_inside_base_model(trained, workspace):
+    with pytest.raises(UserError, match="inside the base model"):
+        merge(trained("quant.preset=W4A4"), workspace["model_dir"] / "sub")
+    assert not (workspace["model_dir"] / "sub").exists()
 
 
 def test_merge_refuses_current_directory(trained, tmp_path, monkeypatch):

@@ -491,6 +491,16 @@ def test_resume_past_max_steps(workspace, two_step_run, tmp_path):
     before = tree_digest(output_dir)
     line = error_line(run_cli(*run_overrides(workspace, output_dir, "max_steps=1"), "--resume_from_checkpoint", "latest"))
     assert "step 2, past max_steps=1" in line
+
+
+def test_resume_at_max_steps_refused(workspace, two_step_run, tmp_path):
+    """A finished run resumed would redo its baselines and overwrite results.json with an empty history."""
+    output_dir = tmp_path / "run"
+    shutil.copytree(two_step_run, output_dir)
+    before = tree_digest(output_dir)
+    line = error_line(run_cli(*run_overrides(workspace, output_dir), "--resume_from_checkpoint", "latest"))
+    assert "step 2, already at max_steps=2" in line
+    assert tree_digest(output_dir) == before
     assert tree_digest(output_dir) == before
 
 

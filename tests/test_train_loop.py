@@ -128,6 +128,12 @@ def test_keep_one_checkpoint(workspace, tmp_path):
     assert checkpoint_names(output_dir) == ["step_4"]
 
 
+def test_keep_zero_keeps_all(workspace, tmp_path):
+    output_dir = tmp_path / "run"
+    train(make_config(workspace, output_dir, "keep_checkpoints=0", "save_every=1"), progress=False)
+    assert checkpoint_names(output_dir) == ["step_1", "step_2", "step_3", "step_4"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume
 

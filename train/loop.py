@@ -278,8 +278,9 @@ def _check_fresh_output_dir(config: RunConfig) -> None:
 
 
 def _check_resume_step(config: RunConfig, path: Path, step: int) -> None:
-    if step > config.max_steps:
-        raise UserError(f"checkpoint {path} is at step {step}, past max_steps={config.max_steps}. Raise max_steps to "
+    if step >= config.max_steps:
+        where = "past" if step > config.max_steps else "already at"
+        raise UserError(f"checkpoint {path} is at step {step}, {where} max_steps={config.max_steps}. Raise max_steps to "
                         f"continue training, or merge that checkpoint with `mambaspin merge --checkpoint {path.name}`")
 
 
@@ -393,7 +394,7 @@ def _save(config: RunConfig, accelerator, model, state: TrainState, metadata: di
         _stop_on_nan(config, state, torch.tensor(float("nan")),
                      reason=f"the rotations left the Stiefel manifold (max |RᵀR − I| = {error:.3e})", step=state.step)
     save_checkpoint(accelerator, config.output_dir, state.step, {**metadata, "state": state.state_dict()},
-                    config.keep_checkpoints or 1)
+                    config.keep_checkpoints)
 
 
 def _mean_over_processes(accelerator, loss: torch.Tensor, parts: dict) -> tuple[torch.Tensor, dict]:

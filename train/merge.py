@@ -38,6 +38,8 @@ from .qat_model import build_qat_model, make_act_scales_learnable, qat_linears
 
 logger = logging.getLogger(__name__)
 
+MERGE_TITLE = "# Merged mambaspin checkpoint"  # first line of the README.md every merge writes
+
 
 def placeholder_rotations(config: RunConfig, model_config) -> RotationSet:
     """Identity matrices (and unit smoothing scales) of the run's shapes, overwritten by the checkpoint."""
@@ -184,7 +186,7 @@ def _no_quant_scheme():
 
 def merge_readme(config: RunConfig, checkpoint: Path, fmt: str) -> str:
     scheme = config.quant.scheme()
-    return (f"# Merged mambaspin checkpoint\n\nMade by `mambaspin merge --format {fmt}` from `{checkpoint}`.\n\n"
+    return (f"{MERGE_TITLE}\n\nMade by `mambaspin merge --format {fmt}` from `{checkpoint}`.\n\n"
             f"- base model: `{config.model.path}`\n- quantization: {scheme.name} "
             f"(weights: {scheme.weight}, activations: {scheme.act})\n"
             f"- rotation sites: {', '.join(config.rotation.applied) or 'none'}; smoothing: {config.rotation.smooth.apply}\n"
@@ -197,8 +199,9 @@ MERGE_OUTPUT = re.compile(r"^(config\.json|model\.safetensors|README\.md|generat
 
 
 def check_replaceable(out_dir: str | Path) -> None:
-    """Refuse to --overwrite a directory that is not an earlier merge output: only files a merge
-    writes (config.json, model.safetensors, README.md, tokenizer files), no subdirectories."""
+    """Refuse to --overwrite a directory that is not an earlier merge output: it must hold the README.md
+    a merge writes, config.json, and otherwise only files a merge writes (model.safetensors,
+    tokenizer files), no subdirectories."""
     out = Path(out_dir)
     if not out.exists():
         return
@@ -207,8 +210,13 @@ def check_replaceable(out_dir: str | Path) -> None:
     entries = sorted(out.iterdir())
     foreign = [path.name + ("/" if path.is_dir() else "") for path in entries
                if path.is_dir() or not MERGE_OUTPUT.match(path.name)]
-    if foreign or not (out / "config.json").is_file():
-        listed = "no config.json"
+    readme = out / "README.md"
+    written_by_merge = readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith(
+        MERGE_TITLE)
+    if foreign or not (out / "config.json").is_file() or not written_by_merge:
+        listed = "no README.md from mambaspin merge"
+        if not (out / "config.json").is_file():
+            listed = "no config.json"
         if foreign:
             listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise UserError(f"--out {out_dir} exists and is not a merged checkpoint (it contains {listed}); --overwrite "
@@ -228,6 +236,9 @@ def check_out_dir(out_dir: str | Path, run_dirs: list[Path], config: RunConfig) 
     model_dir = Path(resolve_path(config.model.path))  # resolved as the loader resolves it
     if model_dir.is_dir():
         protected.append((model_dir.resolve(), f"the base model {config.model.path}"))
+        if model_dir.resolve() in out.parents:
+            raise UserError(f"--out {out_dir} is inside the base model {config.model.path}; choose another --out, "
+                            f"e.g. {example}")
     for path, description in protected:
         if out == path or out in path.parents:
             raise UserError(f"--out {out_dir} would replace {description}; choose another --out, e.g. {example}")

@@ -383,7 +383,7 @@ def checkpoint_megabytes(path: Path) -> dict[str, float]:
             kind = ("online rotations" if ".online." in name else
                     "packed linears" if name.rsplit(".", 1)[-1] in ("qweight", "scale", "zero") else "float tensors")
             sizes[kind] += nbytes
-    return {kind: value / 2**20 for kind, value in sizes.items()}
+    return {kind: value / 1e6 for kind, value in sizes.items()}
 
 
 def _size_miss(runs: Path) -> list[str]:
