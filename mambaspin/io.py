@@ -12,23 +12,23 @@ from pathlib import Path
 from .errors import UserError
 
 
-def check_output_path(path: str | os.PathLike, what: str, directory: bool) -> None:
+def check_output_path(path: str | os.PathLike, setting: str, directory: bool) -> None:
     """Raise UserError when `path` cannot be written later: it (for a directory) or a parent is a file.
 
-    what: how the user set the path (an option or a config key), named in the error. Called before
+    setting: how the user set the path (an option or a config key), named in the error. Called before
     long work, so that a bad output path does not cost the work.
     """
     path = Path(path)
     if directory and path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is a file, expected a directory; choose another path")
+        raise UserError(f"{setting} {path} is a file, expected a directory; choose another path")
     if not directory and path.is_dir():
-        raise UserError(f"{what} {path} is a directory; pass a file path such as {path / 'results.json'}")
+        raise UserError(f"{setting} {path} is a directory; pass a file path such as {path / 'results.json'}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UserError(f"{what} {path} lies under {parent}, which is a file; choose another path")
+                raise UserError(f"{setting} {path} lies under {parent}, which is a file; choose another path")
             if not os.access(parent, os.W_OK):
-                raise UserError(f"{what} {path} cannot be created: {parent} is not writable; choose another path")
+                raise UserError(f"{setting} {path} cannot be created: {parent} is not writable; choose another path")
             return
 
 

@@ -145,8 +145,8 @@ def check_site_sizes(config: RotationConfig, model_config) -> None:
 
 def hadamard_sites(sites, model_config) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Split `sites` into those whose size has a Hadamard matrix and those whose size has none."""
-    kept = tuple(site for site in sites if is_hadamard_size(site_size(site, model_config)))
-    return kept, tuple(site for site in sites if site not in kept)
+    with_hadamard = tuple(site for site in sites if is_hadamard_size(site_size(site, model_config)))
+    return with_hadamard, tuple(site for site in sites if site not in with_hadamard)
 
 
 def build_rotations(config: RotationConfig, model, calibration=None) -> RotationSet:

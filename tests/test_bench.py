@@ -191,12 +191,12 @@ def test_update_readme_needs_markers(tmp_path):
     assert readme.read_text() == "# title\n"
 
 
-def test_report_refuses_missing_runs_dir(tmp_path):
+def test_report_rejects_missing_runs(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         readme_results_section(tmp_path / "no_runs", tmp_path / "docs")
 
 
-def test_report_refuses_empty_runs_dir(tmp_path):
+def test_report_rejects_empty_runs(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(UserError, match="contains none of the benchmark outputs"):
         build_results_page(tmp_path / "runs", tmp_path / "docs")

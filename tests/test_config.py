@@ -103,7 +103,7 @@ def test_unknown_option_still_rejected(capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_overrides_refused_where_not_taken(capsys):
+def test_overrides_rejected_for_eval(capsys):
     with pytest.raises(SystemExit):
         parse("eval", "max_steps=0")
     assert "unrecognized arguments: max_steps=0" in capsys.readouterr().err
@@ -133,7 +133,7 @@ def test_hadamard_size_check_passes_supported_sizes():
 # Staged directory writes
 
 
-def test_staged_directory_refuses_a_file(tmp_path):
+def test_staged_directory_rejects_file(tmp_path):
     target = tmp_path / "out"
     target.write_text("a file")
     with pytest.raises(UserError, match="is a file"):
@@ -181,7 +181,7 @@ def test_ablate_arguments_checked_first(tmp_path, capsys, argv, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs refused before any work
+# Inputs rejected before any work
 
 
 def test_json_path_that_is_a_directory(tmp_path, capsys):

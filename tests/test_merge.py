@@ -231,7 +231,7 @@ def test_load_model_dispatches(merged, preset):
     assert torch.equal(logits_of(load_model(merged_dir), ids), logits_of(load_quantized(merged_dir), ids))
 
 
-def test_transformers_refuses_packed_checkpoint(merged):
+def test_transformers_rejects_packed_checkpoint(merged):
     """transformers must stop on the packed format: one that loaded it would drop the packed
     weights and run randomly initialized linears."""
     _, merged_dir = merged("quant.preset=W4A4")
@@ -343,7 +343,7 @@ def test_merge_overwrites_an_earlier_merge(trained, tmp_path):
 @pytest.mark.parametrize("contents", [["notes.txt"], ["config.json", "model.safetensors", "train.txt"],
                                       ["config.json", "checkpoints/"], ["config.json", "vocab_my_notes.txt"],
                                       ["config.json", "model.safetensors", "README.md"]])
-def test_overwrite_refuses_what_merge_did_not_write(trained, tmp_path, contents):
+def test_overwrite_rejects_foreign_directory(trained, tmp_path, contents):
     out = tmp_path / "precious"
     for name in contents:
         if name.endswith("/"):
@@ -357,7 +357,7 @@ def test_overwrite_refuses_what_merge_did_not_write(trained, tmp_path, contents)
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
 
 
-def test_training_from_a_merged_checkpoint_refused(merged, workspace, tmp_path):
+def test_train_rejects_merged_checkpoint(merged, workspace, tmp_path):
     from train.inputs import load_inputs
 
     _, merged_dir = merged("quant.preset=W4A4")
@@ -367,13 +367,13 @@ def test_training_from_a_merged_checkpoint_refused(merged, workspace, tmp_path):
         load_inputs(config)
 
 
-def test_merge_refuses_inside_base_model(trained, workspace):
+def test_merge_rejects_inside_base_model(trained, workspace):
     with pytest.raises(UserError, match="inside the base model"):
         merge(trained("quant.preset=W4A4"), workspace["model_dir"] / "sub")
     assert not (workspace["model_dir"] / "sub").exists()
 
 
-def test_merge_refuses_current_directory(trained, tmp_path, monkeypatch):
+def test_merge_rejects_current_directory(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="the current directory"):
         merge(trained("quant.preset=W4A4"), ".", overwrite=True)
@@ -382,7 +382,7 @@ def test_merge_refuses_current_directory(trained, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("where", ["run", "parent", "checkpoints", "checkpoint", "calibration", "other_run",
                                    "base_model"])
-def test_merge_refuses_out_that_holds_the_run(trained, workspace, tmp_path, where):
+def test_merge_rejects_out_holding_run(trained, workspace, tmp_path, where):
     run = Path(shutil.copytree(trained("quant.preset=W4A4"), tmp_path / "runs" / "run"))
     other = Path(shutil.copytree(run, tmp_path / "runs" / "other"))
     checkpoint = "latest"
@@ -399,7 +399,7 @@ def test_merge_refuses_out_that_holds_the_run(trained, workspace, tmp_path, wher
     assert sorted(os.listdir(workspace["model_dir"])) == model_before
 
 
-def test_merge_refuses_out_that_is_a_file(trained, tmp_path):
+def test_merge_rejects_out_file(trained, tmp_path):
     out = tmp_path / "model.bin"
     out.write_text("a regular file")
     with pytest.raises(UserError, match="is a file"):

@@ -316,7 +316,7 @@ def test_group_size_not_divisor(workspace, tmp_path):
     line = error_line(completed)
     assert "group_size=7 does not divide the input width of every quantized linear (in_features 4, 48, 96)" in line
     assert "gcd 4, such as 4, 2, 1" in line
-    assert not (tmp_path / "run" / "calibration").exists()  # refused before calibrating
+    assert not (tmp_path / "run" / "calibration").exists()  # rejected before calibrating
     assert_nothing_half_written(tmp_path / "run")
 
 
@@ -474,7 +474,7 @@ def test_sources_load_without_pickle():
 # Existing runs, value types, argument order and Ctrl-C
 
 
-def test_new_run_refuses_old_checkpoints(workspace, two_step_run, tmp_path):
+def test_new_run_rejects_old_checkpoints(workspace, two_step_run, tmp_path):
     """Retention keeps the highest steps, so a new run over old checkpoints would lose its own."""
     output_dir = tmp_path / "run"
     shutil.copytree(two_step_run, output_dir)
@@ -493,7 +493,7 @@ def test_resume_past_max_steps(workspace, two_step_run, tmp_path):
     assert "step 2, past max_steps=1" in line
 
 
-def test_resume_at_max_steps_refused(workspace, two_step_run, tmp_path):
+def test_resume_at_max_steps_rejected(workspace, two_step_run, tmp_path):
     """A finished run resumed would redo its baselines and overwrite results.json with an empty history."""
     output_dir = tmp_path / "run"
     shutil.copytree(two_step_run, output_dir)

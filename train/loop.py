@@ -265,7 +265,7 @@ def check_run_fits_model(config: RunConfig, model) -> None:
 
 
 def _check_fresh_output_dir(config: RunConfig) -> None:
-    """Refuse to start a new run over an earlier run's checkpoints.
+    """Reject a new run over an earlier run's checkpoints.
 
     Checkpoint retention keeps the highest steps, so a new run there would lose its own early
     checkpoints to the old run's later ones, and `latest` would point at the old run.

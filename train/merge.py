@@ -199,7 +199,7 @@ MERGE_OUTPUT = re.compile(r"^(config\.json|model\.safetensors|README\.md|generat
 
 
 def check_replaceable(out_dir: str | Path) -> None:
-    """Refuse to --overwrite a directory that is not an earlier merge output: it must hold the README.md
+    """Reject --overwrite of a directory that is not an earlier merge output: it must contain the README.md
     a merge writes, config.json, and otherwise only files a merge writes (model.safetensors,
     tokenizer files), no subdirectories."""
     out = Path(out_dir)
@@ -224,7 +224,7 @@ def check_replaceable(out_dir: str | Path) -> None:
 
 
 def check_out_dir(out_dir: str | Path, run_dirs: list[Path], config: RunConfig) -> None:
-    """Refuse an --out whose replacement would delete what the merge reads or the run keeps: a run
+    """Reject an --out whose replacement would delete what the merge reads or the run keeps: a run
     directory or a folder above it, anything inside its checkpoints or calibration, or the base model."""
     if not str(out_dir).strip():
         raise UserError("--out is empty; pass the directory to write, e.g. runs/default/quantized")

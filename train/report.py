@@ -102,7 +102,7 @@ def _guarded_section(paths: list[Path], build):
 
 
 def check_runs_dir(runs: Path) -> None:
-    """Refuse a runs directory that does not exist or contains none of the benchmark outputs."""
+    """Reject a runs directory that does not exist or contains none of the benchmark outputs."""
     if not runs.is_dir():
         raise UserError(f"runs directory {runs} does not exist; pass --runs with the directory the benchmarks wrote to")
     outputs = [runs / "default" / "results.json", runs / "w4a8" / "results.json", runs / "bench_speed.json",
