@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -35,9 +36,15 @@ def _load_yaml_text(text: str):
     return yaml.load(text, Loader=_ConfigLoader)
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    """Resolve the type hints of a config dataclass once."""
+    return typing.get_type_hints(cls)
+
+
 def _nested_type(cls, field: dataclasses.Field):
     """Return the dataclass type of a field (also inside Optional[...]), or None for plain values."""
-    hint = typing.get_type_hints(cls).get(field.name)
+    hint = _type_hints(cls).get(field.name)
     candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
@@ -79,7 +86,7 @@ def check_value(cls, field: dataclasses.Field, value, where: str):
     Handles bool, int, float, str, tuple (of strings) and Optional of those; other hints pass
     unchanged. A mismatch raises UserError naming the key, the value and the expected type.
     """
-    hint = typing.get_type_hints(cls).get(field.name)
+    hint = _type_hints(cls).get(field.name)
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in args:
         return None

@@ -32,6 +32,24 @@ def check_output_path(path: str | os.PathLike, setting: str, directory: bool) ->
             return
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """Read the JSON object in `path`, or return None when the file is missing.
+
+    A file that is not valid JSON, or contains another JSON type, raises UserError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); rerun the command that writes it, or delete it") from error
+    if not isinstance(data, dict):
+        raise UserError(f"{path} contains a JSON {type(data).__name__}, expected an object; rerun the command that "
+                        "writes it, or delete it")
+    return data
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file in the same directory and a rename."""
     path = Path(path)
@@ -72,9 +90,7 @@ def staged_directory(directory: str | os.PathLike):
     existing `directory` untouched, so no half-written output is ever visible under its name.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"output path {directory} exists and is a file, not a directory; "
-                        "choose another output directory or remove the file")
+    check_output_path(directory, "output path", directory=True)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))

@@ -141,6 +141,11 @@ def _nearest_supported(n: int) -> tuple[int | None, int]:
     return below, above
 
 
+def nearest_hadamard_sizes(n: int) -> tuple[int | None, int]:
+    """Return the largest supported order below ``n`` (None if there is none) and the smallest above."""
+    return _nearest_supported(n)
+
+
 def _unsupported_size_error(n: int) -> UserError:
     """Build the UserError for an order ``n`` that has no construction here."""
     below, above = _nearest_supported(n)

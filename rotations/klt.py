@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from mambaspin.errors import UserError
 
 from .config import KLT_INITS, SITES, RotationConfig, site_size
-from .hadamard import hadamard_matrix, is_hadamard_size, random_hadamard, random_orthogonal
+from .hadamard import hadamard_matrix, is_hadamard_size, nearest_hadamard_sizes, random_hadamard, random_orthogonal
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +132,12 @@ def check_site_sizes(config: RotationConfig, model_config) -> None:
     for site in config.applied:
         init, size = config.sites[site].init, site_size(site, model_config)
         if init in ("hadamard", "klt_hadamard") and not is_hadamard_size(size):
-            detail = ""
-            try:
-                hadamard_matrix(size)
-            except ValueError as error:
-                detail = " ".join(str(error).split()).replace(
-                    " Set `init: random` to use a seeded random orthogonal matrix instead.", "")
+            below, above = nearest_hadamard_sizes(size)
+            nearest = ", ".join(str(n) for n in (below, above) if n is not None)
             raise UserError(f"rotation.sites.{site}.init={init} needs a Hadamard matrix of size {size} "
-                            f"({SIZE_NAMES[site]} of this model): {detail} "
-                            f"For example rotation.sites.{site}.init=random, or rotation.sites.{site}.apply=false.")
+                            f"({SIZE_NAMES[site]} of this model), and none is known for that size (nearest supported "
+                            f"sizes: {nearest}). Set rotation.sites.{site}.init=random or klt, or "
+                            f"rotation.sites.{site}.apply=false.")
 
 
 def hadamard_sites(sites, model_config) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -39,7 +39,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     skip = set(filter(None, (part.strip() for part in args.skip.split(","))))
     if skip - set(PARTS):
-        raise UserError(f"--skip {','.join(sorted(skip - set(PARTS)))} is invalid: expected parts from {','.join(PARTS)}")
+        unknown = ",".join(sorted(skip - set(PARTS)))
+        raise UserError(f"--skip {unknown} is invalid: expected parts from {','.join(PARTS)}")
     if skip == set(PARTS):
         raise UserError("--skip names every part, so nothing would be measured; leave at least one part out")
     if args.repeats < 1:

@@ -123,20 +123,23 @@ def identity_parts(config: RunConfig, model_fingerprint: str) -> dict[str, str]:
             for name, value in fixed.items()}
 
 
+def _digest(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def identity_fingerprint(config: RunConfig, model_fingerprint: str) -> str:
     """Hash `identity_parts` into one hex digest."""
-    parts = identity_parts(config, model_fingerprint)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return _digest(identity_parts(config, model_fingerprint))
 
 
 def identity_mismatch(metadata: dict, config: RunConfig, model_fingerprint: str) -> str | None:
     """Return None when a checkpoint's identity matches, else what differs, e.g. 'model weights, quant'."""
-    if metadata.get("identity") == identity_fingerprint(config, model_fingerprint):
+    current = identity_parts(config, model_fingerprint)
+    if metadata.get("identity") == _digest(current):
         return None
     saved = metadata.get("identity_parts")
     if not saved:
         return "model weights, rotation, quant, LoRA or block size (the checkpoint predates per-part identities)"
-    current = identity_parts(config, model_fingerprint)
     return ", ".join(name for name in current if saved.get(name) != current[name]) or "unknown parts"
 
 
@@ -272,8 +275,8 @@ def _check_fresh_output_dir(config: RunConfig) -> None:
     """
     found = complete_checkpoints(config.output_dir)
     if found:
-        raise UserError(f"output_dir {config.output_dir} already contains checkpoints of an earlier run ({found[0].name} to "
-                        f"{found[-1].name}). Resume it with --resume_from_checkpoint latest, set output_dir to a new "
+        raise UserError(f"output_dir {config.output_dir} already contains checkpoints of an earlier run "
+                        f"({found[0].name} to {found[-1].name}). Resume it with --resume_from_checkpoint latest, set output_dir to a new "
                         f"directory, or delete {checkpoint_root(config.output_dir)} to start over there")
 
 

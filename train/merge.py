@@ -199,53 +199,60 @@ MERGE_OUTPUT = re.compile(r"^(config\.json|model\.safetensors|README\.md|generat
 
 
 def check_replaceable(out_dir: str | Path) -> None:
-    """Reject --overwrite of a directory that is not an earlier merge output: it must contain the README.md
-    a merge writes, config.json, and otherwise only files a merge writes (model.safetensors,
-    tokenizer files), no subdirectories."""
+    """Reject --overwrite of a directory that is not an earlier merge output.
+
+    An earlier merge output contains config.json, the README.md a merge writes, and otherwise only
+    files a merge writes (model.safetensors, tokenizer files), no subdirectories.
+    """
     out = Path(out_dir)
-    if not out.exists():
-        return
     if not out.is_dir():
-        raise UserError(f"--out {out_dir} exists and is a file; choose a directory path for --out")
-    entries = sorted(out.iterdir())
-    foreign = [path.name + ("/" if path.is_dir() else "") for path in entries
+        return
+    foreign = [path.name + ("/" if path.is_dir() else "") for path in sorted(out.iterdir())
                if path.is_dir() or not MERGE_OUTPUT.match(path.name)]
     readme = out / "README.md"
-    written_by_merge = readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith(
-        MERGE_TITLE)
-    if foreign or not (out / "config.json").is_file() or not written_by_merge:
-        listed = "no README.md from mambaspin merge"
-        if not (out / "config.json").is_file():
-            listed = "no config.json"
-        if foreign:
-            listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise UserError(f"--out {out_dir} exists and is not a merged checkpoint (it contains {listed}); --overwrite "
-                        "only replaces an earlier merge output. Remove it yourself or choose another --out")
+    written_by_merge = readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith(MERGE_TITLE)
+    if not foreign and (out / "config.json").is_file() and written_by_merge:
+        return
+    listed = "no README.md from mambaspin merge"
+    if not (out / "config.json").is_file():
+        listed = "no config.json"
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+    raise UserError(f"--out {out_dir} exists and is not a merged checkpoint (it contains {listed}); --overwrite "
+                    "only replaces an earlier merge output. Remove it yourself or choose another --out")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def check_out_dir(out_dir: str | Path, run_dirs: list[Path], config: RunConfig) -> None:
-    """Reject an --out whose replacement would delete what the merge reads or the run keeps: a run
-    directory or a folder above it, anything inside its checkpoints or calibration, or the base model."""
+    """Reject an --out whose replacement would delete what the merge reads or the run keeps.
+
+    --out must not be a run directory, the calibration, the base model or the current directory, nor
+    a folder above one of them. It must not lie inside a run's checkpoints or calibration or the base model.
+    """
     if not str(out_dir).strip():
         raise UserError("--out is empty; pass the directory to write, e.g. runs/default/quantized")
     out = Path(out_dir).resolve()
     example = Path(run_dirs[0]) / "quantized"
-    protected = [(Path(run).resolve(), f"the run directory {run}") for run in run_dirs]
-    protected.append((Path.cwd().resolve(), "the current directory"))
-    protected.append((config.calibration_dir.resolve(), f"the run's calibration {config.calibration_dir}"))
     model_dir = Path(resolve_path(config.model.path))  # resolved as the loader resolves it
-    if model_dir.is_dir():
-        protected.append((model_dir.resolve(), f"the base model {config.model.path}"))
-        if model_dir.resolve() in out.parents:
-            raise UserError(f"--out {out_dir} is inside the base model {config.model.path}; choose another --out, "
-                            f"e.g. {example}")
-    for path, description in protected:
-        if out == path or out in path.parents:
+    models = [(model_dir.resolve(), f"the base model {config.model.path}")] if model_dir.is_dir() else []
+
+    # Folders that --out must not be, nor contain
+    never_replaced = [(Path(run).resolve(), f"the run directory {run}") for run in run_dirs]
+    never_replaced += [(Path.cwd().resolve(), "the current directory"),
+             (config.calibration_dir.resolve(), f"the run's calibration {config.calibration_dir}"), *models]
+    for path, description in never_replaced:
+        if _within(path, out):
             raise UserError(f"--out {out_dir} would replace {description}; choose another --out, e.g. {example}")
-    for run in run_dirs:
-        for inner in (Path(run) / "checkpoints", Path(run) / "calibration"):
-            if out == inner.resolve() or inner.resolve() in out.parents:
-                raise UserError(f"--out {out_dir} is {inner} or inside it; choose another --out, e.g. {example}")
+
+    # Folders that --out must not be inside of
+    never_entered = [(run.resolve() / name, f"{run / name}") for run in map(Path, run_dirs)
+              for name in ("checkpoints", "calibration")] + models
+    for path, description in never_entered:
+        if _within(out, path):
+            raise UserError(f"--out {out_dir} is inside {description}; choose another --out, e.g. {example}")
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest", fmt: str = "mambaspin",

@@ -118,7 +118,8 @@ def quality_benchmark(config: RunConfig, presets, methods=METHODS, gptq: bool = 
             else:
                 losses = {"rtn_weights": ptq_loss(preset_config, inputs, calibration, scheme, sites, method)}
                 if gptq:
-                    losses["gptq_weights"] = ptq_loss(preset_config, inputs, calibration, scheme, sites, method, gptq=True)
+                    losses["gptq_weights"] = ptq_loss(preset_config, inputs, calibration, scheme, sites, method,
+                                                      gptq=True)
                 steps, tokens = 0, 0
             for weights, loss in losses.items():
                 rows.append({"preset": preset_name, "method": method, "weights": weights.replace("_weights", ""),

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from mambaspin.errors import UserError
-from mambaspin.io import write_text_atomic
+from mambaspin.io import read_json_object, write_text_atomic
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -74,19 +74,7 @@ def _draw(axis, site, before, after, layer) -> None:
 
 
 def _read_json(path: Path):
-    """Return the JSON object in `path`, None when the file is missing, UserError when it is not a JSON object."""
-    import json
-
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); rerun the command that writes it, or delete it") from error
-    if not isinstance(data, dict):
-        raise UserError(f"{path} contains a JSON {type(data).__name__}, expected an object; rerun the command that writes "
-                        "it, or delete it")
-    return data
+    return read_json_object(path)
 
 
 def _guarded_section(paths: list[Path], build):

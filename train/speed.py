@@ -21,7 +21,8 @@ from pathlib import Path
 import geoopt
 import torch
 
-from mambaspin.errors import NotSupportedError, UserError
+from mambaspin.errors import NotSupportedError
+from mambaspin.io import read_json_object
 
 from rotations.klt import build_rotations
 
@@ -109,13 +110,7 @@ def calibration_memory_benchmark(config_path: str, overrides: list[str], block_c
 
 def read_earlier_results(path) -> dict:
     """Return the results an earlier bench_speed run wrote to `path` (a JSON object), or {} when there are none."""
-    if path is None or not Path(path).is_file():
-        return {}
-    try:
-        earlier = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); delete it or pass another --json") from error
-    return earlier if isinstance(earlier, dict) else {}
+    return (read_json_object(path) if path is not None else None) or {}
 
 
 def export_ptq_model(config: RunConfig, inputs, calibration, directory: Path) -> Path:
